@@ -1,0 +1,602 @@
+// Shortest-augmenting-path linear-sum assignment: the algorithm core shared by
+// the CPU kernel (one thread per problem) and the CUDA kernel (one block per
+// problem).
+//
+// Algorithm: Crouse, "On implementing 2D rectangular assignment algorithms",
+// IEEE TAES 2016 -- the family scipy.optimize.linear_sum_assignment uses.  For a
+// working problem with nr <= nc rows/columns, each row in turn is added by a
+// Dijkstra search over reduced costs c(i,j) - u[i] - v[j] >= 0 from that row to
+// the nearest free column, followed by a dual update and an augmentation along
+// the path.  O(nr^2 nc) worst case.
+//
+// Every loop over rows or columns takes (start, stride): the CPU calls it with
+// (0, 1), a CUDA block with (threadIdx.x, blockDim.x) and then combines the
+// per-thread results.  solve() at the bottom is the one driver for both (see
+// the Block policies there).
+//
+// Tie-breaking: the column chosen in each Dijkstra step is the one scipy's
+// implementation chooses (smallest reduced cost; among equal costs a free
+// column, the free one latest in scipy's "remaining" list, else the assigned
+// one earliest in it).  The "remaining" list is kept as rem[] plus its inverse
+// pos[], so any scan order -- sequential or strided across threads -- picks the
+// same column.  With scipy_ties the solution is bit-identical to scipy's for the
+// same double-precision costs (same operations in the same order; there are no
+// multiplications, so FMA contraction cannot change anything).
+//
+// Without scipy_ties, a Jonker-Volgenant start (Jonker & Volgenant, Computing
+// 1987) runs first: column reduction and reduction transfer (square problems),
+// then two passes of augmenting row reduction -- an auction-like step that
+// assigns a free row to its cheapest reduced column and lowers that column's
+// dual to the row's second-cheapest.  Each step keeps a partial assignment with
+// feasible duals satisfying complementary slackness, so the search that follows
+// stays exact; for rectangular problems (nr < nc) the duals start at v = 0 and
+// only assigned columns are ever lowered, which keeps v <= 0 with v = 0 on free
+// columns, the rectangular optimality condition.  This leaves only a few rows
+// for the Dijkstra phase.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define UF_HD __host__ __device__ __forceinline__
+#else
+#define UF_HD inline
+#endif
+
+namespace unit_fast {
+namespace lsa {
+
+// Output codes written over a whole problem's row of the result.
+constexpr int64_t kUnassigned = -1;
+constexpr int64_t kInvalid = -2;     // NaN or -inf in the active costs, or bad num_cols
+constexpr int64_t kInfeasible = -3;  // no complete assignment with finite cost
+
+constexpr int kStatusOk = 0;
+constexpr int kStatusInvalid = 1;
+constexpr int kStatusInfeasible = 2;
+
+// Working view of one problem: rows are the smaller side.  Element (i, j) is
+// sign * cost[i * s_row + j * s_col] in double precision.
+template <typename scalar_t>
+struct Problem {
+  const scalar_t* cost;
+  int64_t s_row;
+  int64_t s_col;
+  int nr;
+  int nc;
+  double sign;
+  UF_HD double at(int i, int j) const {
+    return sign * static_cast<double>(static_cast<float>(cost[i * s_row + j * s_col]));
+  }
+};
+
+// Doubles are read without the float hop (it would round them).
+template <>
+UF_HD double Problem<double>::at(int i, int j) const {
+  return sign * cost[i * s_row + j * s_col];
+}
+
+// A contiguous row-major double problem (the CPU kernel's copy, sign applied).
+struct DenseProblem {
+  const double* cost;
+  int nr;
+  int nc;
+  UF_HD double at(int i, int j) const { return cost[static_cast<int64_t>(i) * nc + j]; }
+};
+
+// Solver state.  Sizes: rows R = max nr, columns C = max nc of any problem
+// that will use this workspace.
+struct Workspace {
+  double* u;         // [R] row duals
+  double* v;         // [C] column duals
+  double* spc;       // [C] shortest path cost to each column in this search
+  int32_t* col4row;  // [R] column assigned to each row, -1 if none
+  int32_t* row4col;  // [C] row assigned to each column, -1 if none
+  int32_t* path;     // [C] predecessor row of each column in the search tree
+  int32_t* rem;      // [C] scipy's "remaining" column list
+  int32_t* pos;      // [C] inverse of rem: position of column j in rem
+  uint8_t* SR;       // [R] row reached in this search
+  uint8_t* SC;       // [C] column settled in this search
+};
+
+UF_HD size_t align16(size_t n) { return (n + 15) & ~static_cast<size_t>(15); }
+
+UF_HD size_t workspace_bytes(int64_t R, int64_t C) {
+  return align16(sizeof(double) * (R + 2 * C)) + align16(sizeof(int32_t) * (R + 4 * C)) +
+         align16(R + C);
+}
+
+UF_HD Workspace carve_workspace(void* base, int64_t R, int64_t C) {
+  Workspace w;
+  char* p = static_cast<char*>(base);
+  w.u = reinterpret_cast<double*>(p);
+  w.v = w.u + R;
+  w.spc = w.v + C;
+  p += align16(sizeof(double) * (R + 2 * C));
+  w.col4row = reinterpret_cast<int32_t*>(p);
+  w.row4col = w.col4row + R;
+  w.path = w.row4col + C;
+  w.rem = w.path + C;
+  w.pos = w.rem + C;
+  p += align16(sizeof(int32_t) * (R + 4 * C));
+  w.SR = reinterpret_cast<uint8_t*>(p);
+  w.SC = w.SR + R;
+  return w;
+}
+
+// A candidate column in a Dijkstra step; j < 0 means none.
+struct Key {
+  double val;
+  int j;
+};
+
+// True when a is chosen over b (see the tie-breaking note above).
+UF_HD bool better(const Workspace& w, Key a, Key b) {
+  if (a.j < 0) return false;
+  if (b.j < 0) return true;
+  if (a.val != b.val) return a.val < b.val;
+  const bool fa = w.row4col[a.j] < 0;
+  const bool fb = w.row4col[b.j] < 0;
+  if (fa != fb) return fa;
+  return fa ? w.pos[a.j] > w.pos[b.j] : w.pos[a.j] < w.pos[b.j];
+}
+
+// (val, j) lexicographic order, no column (j < 0) last: the JV start's
+// "first minimum" rule.
+UF_HD bool lex_less(double a, int ja, double b, int jb) {
+  if (ja < 0) return false;
+  if (jb < 0) return true;
+  return a < b || (a == b && ja < jb);
+}
+
+// The two smallest (val, j) of a set under lex_less, (v1, j1) <= (v2, j2).
+struct TwoMin {
+  double v1;
+  int j1;
+  double v2;
+  int j2;
+};
+
+UF_HD TwoMin two_min_empty() { return TwoMin{INFINITY, -1, INFINITY, -1}; }
+
+// Scans that visit j in increasing order use two_min_scan: strict < then keeps
+// the first index on ties, which is lex_less's order, without its branches.
+UF_HD void two_min_scan(TwoMin& t, double h, int j) {
+  if (h < t.v2) {
+    if (h < t.v1) {
+      t.v2 = t.v1;
+      t.j2 = t.j1;
+      t.v1 = h;
+      t.j1 = j;
+    } else {
+      t.v2 = h;
+      t.j2 = j;
+    }
+  }
+}
+
+UF_HD void two_min_push(TwoMin& t, double h, int j) {
+  if (lex_less(h, j, t.v1, t.j1)) {
+    t.v2 = t.v1;
+    t.j2 = t.j1;
+    t.v1 = h;
+    t.j1 = j;
+  } else if (lex_less(h, j, t.v2, t.j2)) {
+    t.v2 = h;
+    t.j2 = j;
+  }
+}
+
+UF_HD TwoMin two_min_merge(TwoMin a, const TwoMin& b) {
+  two_min_push(a, b.v1, b.j1);
+  two_min_push(a, b.v2, b.j2);
+  return a;
+}
+
+// NaN or -inf: the one test !(c > -inf) catches both, and vectorises.
+UF_HD bool invalid_cost(double c) { return !(c > -INFINITY); }
+
+template <typename P>
+UF_HD bool has_invalid(const P& p, int start, int stride) {
+  int bad = 0;
+  for (int i = 0; i < p.nr; ++i) {
+    for (int j = start; j < p.nc; j += stride) bad |= invalid_cost(p.at(i, j));
+  }
+  return bad != 0;
+}
+
+UF_HD void init(Workspace& w, int nr, int nc, int start, int stride) {
+  for (int i = start; i < nr; i += stride) {
+    w.u[i] = 0.0;
+    w.col4row[i] = -1;
+  }
+  for (int j = start; j < nc; j += stride) {
+    w.v[j] = 0.0;
+    w.row4col[j] = -1;
+  }
+}
+
+// Clears the search state before each new row, as scipy does.
+UF_HD void reset_search(Workspace& w, int nr, int nc, int start, int stride) {
+  for (int i = start; i < nr; i += stride) w.SR[i] = 0;
+  for (int j = start; j < nc; j += stride) {
+    w.SC[j] = 0;
+    w.spc[j] = INFINITY;
+    // scipy fills "remaining" in reverse so a constant matrix gives the identity.
+    w.rem[j] = nc - 1 - j;
+    w.pos[j] = nc - 1 - j;
+  }
+}
+
+// ---- Jonker-Volgenant start (fast mode only) --------------------------------
+
+// Column reduction, parallel part: v[j] = min_i c(i, j), path[j] = its first
+// argmin row (-1 for an all-forbidden column, whose v stays 0).
+template <typename P>
+UF_HD void column_min(const P& p, Workspace& w, int start, int stride) {
+  for (int j = start; j < p.nc; j += stride) {
+    double best = INFINITY;
+    int arg = -1;
+    for (int i = 0; i < p.nr; ++i) {
+      const double c = p.at(i, j);
+      if (c < best) {
+        best = c;
+        arg = i;
+      }
+    }
+    w.v[j] = arg >= 0 ? best : 0.0;
+    w.path[j] = arg;
+  }
+}
+
+// Column reduction, serial part (JV's order: last column first).  SR[i] counts
+// the columns whose minimum is row i, saturating at 2.
+UF_HD void column_assign(Workspace& w, int nc) {
+  for (int j = nc - 1; j >= 0; --j) {
+    const int i = w.path[j];
+    if (i < 0) continue;
+    if (w.SR[i] == 0) {
+      w.SR[i] = 1;
+      w.col4row[i] = j;
+      w.row4col[j] = i;
+      continue;
+    }
+    w.SR[i] = 2;
+    const int j1 = w.col4row[i];
+    if (w.v[j] < w.v[j1]) {
+      w.col4row[i] = j;
+      w.row4col[j] = i;
+      w.row4col[j1] = -1;
+    }
+  }
+}
+
+// Reduction transfer for row i (assigned to j1 by exactly one column): its
+// cheapest other reduced column, as a TwoMin over j != j1 (v1 is used).
+template <typename P>
+UF_HD TwoMin transfer_min(const P& p, const Workspace& w, int i, int j1, int start, int stride) {
+  TwoMin t = two_min_empty();
+  for (int j = start; j < p.nc; j += stride) {
+    if (j != j1) two_min_scan(t, p.at(i, j) - w.v[j], j);
+  }
+  return t;
+}
+
+// Lowers v[j1] so row i's dual rises to its second-best reduced cost.
+UF_HD void transfer_apply(Workspace& w, int j1, const TwoMin& t) {
+  if (t.v1 < INFINITY) w.v[j1] -= t.v1;
+}
+
+// Augmenting row reduction, parallel part: row i's two cheapest reduced columns.
+template <typename P>
+UF_HD TwoMin row_two_min(const P& p, const Workspace& w, int i, int start, int stride) {
+  TwoMin t = two_min_empty();
+  for (int j = start; j < p.nc; j += stride) two_min_scan(t, p.at(i, j) - w.v[j], j);
+  return t;
+}
+
+// Augmenting row reduction, serial part, for free row i.  Returns the row it
+// displaced (>= 0), -1 for none, or -2 when the row is left for the search
+// (no finite column, or a transfer would need an infinite dual).  *again tells
+// JV's rule: a displaced row whose column became dearer is retried at once.
+UF_HD int arr_step(Workspace& w, int i, const TwoMin& t, bool* again) {
+  *again = false;
+  if (!(t.v1 < INFINITY)) return -2;
+  int j1 = t.j1;
+  int i0 = w.row4col[j1];
+  if (t.v1 < t.v2) {
+    if (t.v2 < INFINITY) {
+      w.v[j1] -= t.v2 - t.v1;
+      *again = true;
+    } else if (i0 >= 0) {
+      return -2;
+    }
+  } else if (i0 >= 0) {
+    j1 = t.j2;  // equal best two: take the second, displace its row instead
+    i0 = w.row4col[j1];
+  }
+  if (i0 >= 0) w.col4row[i0] = -1;
+  w.col4row[i] = j1;
+  w.row4col[j1] = i;
+  return i0;
+}
+
+// After the start: the dual of each assigned row is its reduced cost on its
+// column (0 for free rows; the search overwrites those).
+template <typename P>
+UF_HD void set_row_duals(const P& p, Workspace& w, int start, int stride) {
+  for (int i = start; i < p.nr; i += stride) {
+    const int j = w.col4row[i];
+    w.u[i] = j >= 0 ? p.at(i, j) - w.v[j] : 0.0;
+  }
+}
+
+// JV's two passes over the free-row list rem[0..n_free), serial bookkeeping
+// around a caller-supplied row_two_min (block-reduced on CUDA).  The retry
+// budget bounds the auction's worst case; rows it leaves free go to the search.
+struct ArrState {
+  int pass;
+  int k;
+  int prev;
+  int n_free;
+  int budget;
+  int row;  // the row being reduced now, -1 when done (read by every thread)
+};
+
+UF_HD ArrState arr_begin(int n_free, int budget) { return ArrState{0, 0, n_free, 0, budget, -1}; }
+
+#ifndef UF_ARR_BUDGET
+#define UF_ARR_BUDGET(nr) (2 * (nr) + 16)
+#endif
+UF_HD int arr_budget(int nr) { return UF_ARR_BUDGET(nr); }
+
+// Next free row to reduce, or -1 when both passes are done.
+UF_HD int arr_next(Workspace& w, ArrState& s) {
+  while (s.k >= s.prev) {
+    if (++s.pass >= 2 || s.n_free == 0) return -1;
+    s.prev = s.n_free;
+    s.n_free = 0;
+    s.k = 0;
+  }
+  return w.rem[s.k++];
+}
+
+UF_HD void arr_done(Workspace& w, ArrState& s, int i, const TwoMin& t) {
+  bool again = false;
+  const int i0 = arr_step(w, i, t, &again);
+  if (i0 < 0) return;
+  if (again && s.budget > 0) {
+    --s.budget;
+    w.rem[--s.k] = i0;
+  } else {
+    w.rem[s.n_free++] = i0;
+  }
+}
+
+// Free rows after column reduction (or all rows), in row order, into rem[].
+UF_HD int collect_free_rows(Workspace& w, int nr) {
+  int n = 0;
+  for (int i = 0; i < nr; ++i)
+    if (w.col4row[i] < 0) w.rem[n++] = i;
+  return n;
+}
+
+// One Dijkstra relaxation from row i over the unsettled columns; returns this
+// thread's best column.  Expression order matches scipy's for bit-equality.
+template <typename P>
+UF_HD Key scan(const P& p, Workspace& w, int i, double min_val, int start, int stride) {
+  Key best{INFINITY, -1};
+  const double ui = w.u[i];
+  for (int j = start; j < p.nc; j += stride) {
+    if (w.SC[j]) continue;
+    const double r = min_val + p.at(i, j) - ui - w.v[j];
+    if (r < w.spc[j]) {
+      w.path[j] = i;
+      w.spc[j] = r;
+    }
+    const double s = w.spc[j];
+    if (s < best.val || best.j < 0) {
+      best = Key{s, j};
+    } else if (s == best.val && better(w, Key{s, j}, best)) {
+      best = Key{s, j};  // ties are rare with real costs: the full order only here
+    }
+  }
+  return best;
+}
+
+// The same relaxation over rem[0..n_rem) (scipy's loop): it visits only the
+// unsettled columns, half as many as scan() on average over a search, at the
+// price of a gather -- the better trade on a CPU.  Same result as scan().
+template <typename P>
+UF_HD Key scan_remaining(const P& p, Workspace& w, int i, double min_val, int n_rem) {
+  Key best{INFINITY, -1};
+  const double ui = w.u[i];
+  for (int k = 0; k < n_rem; ++k) {
+    const int j = w.rem[k];
+    const double r = min_val + p.at(i, j) - ui - w.v[j];
+    double s = w.spc[j];
+    if (r < s) {
+      w.path[j] = i;
+      w.spc[j] = s = r;
+    }
+    if (s < best.val || best.j < 0) {
+      best = Key{s, j};
+    } else if (s == best.val && better(w, Key{s, j}, best)) {
+      best = Key{s, j};
+    }
+  }
+  return best;
+}
+
+// Settles column j, chosen by a search step: removes it from rem[] (n_rem is
+// the count after removal) and marks the row it leads to (next >= 0) reached.
+UF_HD void settle(Workspace& w, int j, int n_rem, int next) {
+  w.SC[j] = 1;
+  const int p = w.pos[j];
+  const int last = w.rem[n_rem];
+  w.rem[p] = last;
+  w.pos[last] = p;
+  if (next >= 0) w.SR[next] = 1;
+}
+
+UF_HD void update_duals(Workspace& w, int nr, int nc, int cur, double min_val, int start,
+                        int stride) {
+  for (int i = start; i < nr; i += stride) {
+    if (i == cur)
+      w.u[i] += min_val;
+    else if (w.SR[i])
+      w.u[i] += min_val - w.spc[w.col4row[i]];
+  }
+  for (int j = start; j < nc; j += stride) {
+    if (w.SC[j]) w.v[j] -= min_val - w.spc[j];
+  }
+}
+
+UF_HD void augment(Workspace& w, int cur, int sink) {
+  int j = sink;
+  while (true) {
+    const int i = w.path[j];
+    w.row4col[j] = i;
+    const int prev = w.col4row[i];
+    w.col4row[i] = j;
+    j = prev;
+    if (i == cur) break;
+  }
+}
+
+// out[0..N) for one problem: the column of each original row.  In a transposed
+// problem the working columns are the original rows.
+UF_HD void write_result(const Workspace& w, int status, bool transposed, int n_out, int64_t* out,
+                        int start, int stride) {
+  for (int k = start; k < n_out; k += stride) {
+    if (status == kStatusInvalid)
+      out[k] = kInvalid;
+    else if (status == kStatusInfeasible)
+      out[k] = kInfeasible;
+    else
+      out[k] = transposed ? w.row4col[k] : w.col4row[k];
+  }
+}
+
+// ---- The driver ---------------------------------------------------------------
+//
+// One solve, written once for every execution policy.  A Block provides:
+//   all(f)      every thread runs f(start, stride), then a barrier;
+//   single(f)   one thread runs f(), then a barrier;
+//   any(f)      OR over threads of f(start, stride), seen by every thread;
+//   two_min(f)  two_min_merge over threads of f(start, stride), seen by all;
+//   scan(p, w, i, min_val, n_rem)
+//               one Dijkstra relaxation from row i: the better() minimum over
+//               threads, seen by all.
+// Values every thread computes from those results (i, min_val, n_rem) stay
+// uniform, so control flow never diverges inside a block.  SerialBlock below
+// is the CPU kernel (T = 1) and, with T > 1, a sequential simulation of a CUDA
+// block that lets CPU tests run the CUDA decomposition; CudaBlock is in
+// cuda/hungarian_match_kernel.cu.
+
+template <typename P, typename Block>
+UF_HD void jv_start(const P& p, Workspace& w, Block& blk, ArrState* st) {
+  const int nr = p.nr, nc = p.nc;
+  blk.all([&](int s, int t) {
+    for (int i = s; i < nr; i += t) w.SR[i] = 0;
+  });
+  if (nr == nc) {
+    blk.all([&](int s, int t) { column_min(p, w, s, t); });
+    blk.single([&] { column_assign(w, nc); });
+    for (int i = 0; i < nr; ++i) {
+      if (w.SR[i] != 1) continue;  // SR is not written again until the search
+      const int j1 = w.col4row[i];
+      const TwoMin m = blk.two_min([&](int s, int t) { return transfer_min(p, w, i, j1, s, t); });
+      blk.single([&] { transfer_apply(w, j1, m); });
+    }
+  }
+  blk.single([&] {
+    *st = arr_begin(collect_free_rows(w, nr), arr_budget(nr));
+    st->row = arr_next(w, *st);
+  });
+  while (st->row >= 0) {
+    const int i = st->row;
+    const TwoMin m = blk.two_min([&](int s, int t) { return row_two_min(p, w, i, s, t); });
+    blk.single([&] {
+      arr_done(w, *st, i, m);
+      st->row = arr_next(w, *st);
+    });
+  }
+  blk.all([&](int s, int t) { set_row_duals(p, w, s, t); });
+}
+
+// Solves one working problem.  check_invalid: scan the costs for NaN / -inf
+// first (the CPU kernel checks while copying instead).  st: scratch for the JV
+// start that every thread can read (shared memory on CUDA).  Returns a status.
+template <typename P, typename Block>
+UF_HD int solve(const P& p, Workspace& w, bool use_jv_start, bool check_invalid, Block& blk, ArrState* st) {
+  const int nr = p.nr, nc = p.nc;
+  blk.all([&](int s, int t) { init(w, nr, nc, s, t); });
+  if (nr == 0 || nc == 0) return kStatusOk;
+  if (check_invalid && blk.any([&](int s, int t) { return has_invalid(p, s, t); })) return kStatusInvalid;
+  if (use_jv_start) jv_start(p, w, blk, st);
+  for (int cur = 0; cur < nr; ++cur) {
+    if (w.col4row[cur] >= 0) continue;
+    blk.all([&](int s, int t) { reset_search(w, nr, nc, s, t); });
+    blk.single([&] { w.SR[cur] = 1; });
+    int i = cur, n_rem = nc, sink = -1;
+    double min_val = 0.0;
+    while (sink < 0) {
+      const Key k = blk.scan(p, w, i, min_val, n_rem);
+      if (k.j < 0 || !(k.val < INFINITY)) return kStatusInfeasible;
+      min_val = k.val;
+      --n_rem;
+      const int next = w.row4col[k.j];  // settle() does not change row4col
+      blk.single([&] { settle(w, k.j, n_rem, next); });
+      if (next < 0)
+        sink = k.j;
+      else
+        i = next;
+    }
+    blk.all([&](int s, int t) { update_duals(w, nr, nc, cur, min_val, s, t); });
+    blk.single([&] { augment(w, cur, sink); });
+  }
+  return kStatusOk;
+}
+
+// Host execution policy: T "threads" run one after another.  Between barriers
+// the threads of the algorithm touch disjoint columns or only read shared
+// state, so running them in sequence gives exactly what a block computes.
+struct SerialBlock {
+  int T;
+  template <typename F>
+  void all(F f) {
+    for (int t = 0; t < T; ++t) f(t, T);
+  }
+  template <typename F>
+  void single(F f) {
+    f();
+  }
+  template <typename F>
+  bool any(F f) {
+    bool r = false;
+    for (int t = 0; t < T; ++t) r = f(t, T) || r;
+    return r;
+  }
+  template <typename F>
+  TwoMin two_min(F f) {
+    TwoMin m = two_min_empty();
+    for (int t = 0; t < T; ++t) m = two_min_merge(m, f(t, T));
+    return m;
+  }
+  template <typename P>
+  Key scan(const P& p, Workspace& w, int i, double min_val, int n_rem) {
+    if (T == 1) return scan_remaining(p, w, i, min_val, n_rem);
+    Key best{INFINITY, -1};
+    for (int t = 0; t < T; ++t) {
+      const Key k = lsa::scan(p, w, i, min_val, t, T);
+      if (better(w, k, best)) best = k;
+    }
+    return best;
+  }
+};
+
+}  // namespace lsa
+}  // namespace unit_fast

@@ -1,0 +1,96 @@
+"""Which backend runs an op on a device (house style section 5).
+
+Backends, in order of preference:
+  ``cpp``        the compiled extension: its CPU kernel on CPU, its CUDA kernel on CUDA;
+  ``triton``     Triton kernels (CUDA by default; on CPU only when asked for, through the
+                 interpreter, ``TRITON_INTERPRET=1`` -- a test device, never a default);
+  ``reference``  the pure PyTorch / scipy spec in ``ops/<op>/reference.py``.
+
+``UNIT_FAST_BACKEND=reference|triton|cpp`` (read at every call) or a ``backend=`` argument
+forces one; a forced backend that is unavailable raises.  Nothing here touches CUDA.
+"""
+
+import importlib.util
+import os
+
+import torch
+
+from unit_fast import _ext
+
+BACKENDS = ("cpp", "triton", "reference")
+
+# Which backends each op implements, per device type.
+OP_BACKENDS = {
+    "hungarian_match": {"cpu": ("cpp", "reference"), "cuda": ("cpp", "reference")},
+}
+
+
+def triton_on_cpu() -> bool:
+    """True when Triton kernels may run on CPU tensors (the interpreter is on)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _missing_reason(backend: str, device_type: str):
+    """None if ``backend`` can run on ``device_type`` on this machine, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if not _ext.HAS_EXT:
+            return f"unit_fast._C not loaded ({_ext.EXT_ERROR})"
+        if device_type == "cuda" and not _ext.HAS_CUDA_EXT:
+            return "unit_fast._C was built without CUDA kernels (rebuild with FORCE_CUDA=1 and nvcc)"
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if device_type == "cpu" and not triton_on_cpu():
+            return "Triton runs on CPU only through the interpreter (TRITON_INTERPRET=1)"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type
+
+
+def backends_for(op: str, device) -> list:
+    """Ordered available backends of ``op`` on ``device``; the first is the default.
+
+    Interpreted Triton is listed (for tests) but never first.
+    """
+    device_type = _device_type(device)
+    if op not in OP_BACKENDS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(OP_BACKENDS)}")
+    implemented = OP_BACKENDS[op].get(device_type, ("reference",))
+    found = [b for b in implemented if _missing_reason(b, device_type) is None]
+    if device_type == "cpu" and "triton" in found:
+        found.remove("triton")  # interpreted: a test device, so last, never the default
+        found.append("triton")
+    return found
+
+
+def missing_backends(op: str, device) -> dict:
+    """``{backend: reason}`` for each backend ``op`` implements that cannot run here."""
+    device_type = _device_type(device)
+    implemented = OP_BACKENDS[op].get(device_type, ("reference",))
+    out = {}
+    for b in implemented:
+        reason = _missing_reason(b, device_type)
+        if reason is not None:
+            out[b] = reason
+    return out
+
+
+def select_backend(op: str, device, backend=None) -> str:
+    """The backend to run now: ``backend`` if given, else ``UNIT_FAST_BACKEND``, else the default."""
+    forced = backend if backend is not None else os.environ.get("UNIT_FAST_BACKEND") or None
+    available = backends_for(op, device)
+    if forced is None:
+        return available[0]
+    if forced not in BACKENDS:
+        raise ValueError(f"unknown backend {forced!r}; expected one of {BACKENDS}")
+    if forced not in available:
+        device_type = _device_type(device)
+        reason = missing_backends(op, device).get(forced, f"{op} has no {forced} kernel on {device_type}")
+        raise RuntimeError(f"backend {forced!r} was forced for {op} on {device_type} but is unavailable: {reason}")
+    return forced

@@ -1,0 +1,121 @@
+"""``HungarianMatcher``: a drop-in for DETR's and MMF's matcher, solved in one batched call."""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from unit_fast.ops.hungarian_match import INVALID, INFEASIBLE, batched_linear_sum_assignment
+from unit_fast.ops.hungarian_match.cost import matching_cost
+
+# Padding target box (cxcywh): any valid box keeps the padded columns finite.
+_PAD_BOX = 0.5
+
+
+class HungarianMatcher(nn.Module):
+    """Optimal bipartite matching between predictions and targets (DETR ``models/matcher.py``).
+
+    Same constructor, forward contract and output as DETR's and MMF's ``HungarianMatcher``;
+    the cost is built per image as ``(B, Q, max T)`` and every image -- and, through
+    ``match_all``, every decoder layer -- is solved in one ``batched_linear_sum_assignment``
+    call on the input's device.
+
+    Args:
+        cost_class, cost_bbox, cost_giou: weights of the class, L1 box and GIoU costs.
+        logsoftmax: MMF's ``use_bcl`` option: log-softmax class cost instead of softmax.
+        keep_on_device: return the indices on the predictions' device instead of the CPU
+            (DETR returns CPU tensors), so a CUDA training step never waits for the host.
+            Then nothing is checked: an image whose cost holds NaN/-inf gets
+            ``tgt_idx`` entries equal to ``unit_fast.INVALID`` (-2).
+        backend: force the solver backend (``"cpp"`` or ``"reference"``).
+    """
+
+    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1,
+                 logsoftmax: bool = False, *, keep_on_device: bool = False, backend=None):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("HungarianMatcher: all costs can't be 0")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.logsoftmax = logsoftmax
+        # MMF keeps the normalisation as a module attribute; kept for attribute parity.
+        self.norm = nn.LogSoftmax(dim=-1) if logsoftmax else nn.Softmax(dim=-1)
+        self.keep_on_device = keep_on_device
+        self.backend = backend
+
+    def extra_repr(self):
+        return (f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}, "
+                f"logsoftmax={self.logsoftmax}, keep_on_device={self.keep_on_device}")
+
+    @torch.no_grad()
+    def forward(self, outputs, targets):
+        """Matches the final decoder layer.
+
+        Args:
+            outputs: dict with ``"pred_logits"`` ``(B, Q, C+1)`` and ``"pred_boxes"``
+                ``(B, Q, 4)`` (normalised cxcywh).
+            targets: list of B dicts with ``"labels"`` ``(T_i,)`` int64 and ``"boxes"``
+                ``(T_i, 4)`` cxcywh.
+
+        Returns:
+            list of B tuples ``(pred_idx, tgt_idx)``, int64, length ``min(Q, T_i)``,
+            ``pred_idx`` ascending.
+        """
+        return self._match([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_all(self, outputs, targets):
+        """Matches the main output and every ``outputs["aux_outputs"][i]`` in one solve.
+
+        Returns:
+            list over layers -- ``[main, aux 0, aux 1, ...]`` -- of ``forward``'s result.
+        """
+        return self._match([outputs, *outputs.get("aux_outputs", [])], targets)
+
+    def _match(self, layers, targets):
+        L = len(layers)
+        logits = torch.stack([o["pred_logits"] for o in layers])  # [L, B, Q, C+1]
+        boxes = torch.stack([o["pred_boxes"] for o in layers])  # [L, B, Q, 4]
+        _, B, Q, _ = logits.shape
+        if len(targets) != B:
+            raise ValueError(f"got {len(targets)} target dicts for a batch of {B} predictions")
+        device = logits.device
+        sizes = [int(t["labels"].shape[0]) for t in targets]
+        labels = pad_sequence([t["labels"].to(device) for t in targets], batch_first=True)  # [B, T]
+        tboxes = pad_sequence([t["boxes"].to(device) for t in targets], batch_first=True,
+                              padding_value=_PAD_BOX)  # [B, T, 4]
+        T = labels.shape[1]
+        num_cols = None
+        if T:
+            # Target counts built on the device: no host->device copy to wait for.
+            ones = [torch.ones_like(t["labels"], device=device) for t in targets]
+            num_cols = pad_sequence(ones, batch_first=True).sum(1).repeat(L)  # [L*B]
+        cost = matching_cost(
+            logits.flatten(0, 1), boxes.flatten(0, 1),  # [L*B, Q, C+1], [L*B, Q, 4]
+            labels.repeat(L, 1), tboxes.repeat(L, 1, 1),  # [L*B, T], [L*B, T, 4]
+            self.cost_class, self.cost_bbox, self.cost_giou, self.logsoftmax,
+        )  # [L*B, Q, T]
+        assign = batched_linear_sum_assignment(cost, num_cols, backend=self.backend)  # [L*B, Q]
+        # Assigned rows first, in ascending order: a stable sort keeps every shape static.
+        order = torch.argsort((assign < 0).to(torch.uint8), dim=1, stable=True)  # [L*B, Q]
+        tgt = assign.gather(1, order)  # [L*B, Q]
+        if not self.keep_on_device:
+            order, tgt = order.cpu(), tgt.cpu()  # host sync: DETR returns CPU indices
+            if not torch.compiler.is_compiling():
+                _check(tgt, sizes, Q)
+        return [
+            [(order[l * B + b, : min(Q, sizes[b])], tgt[l * B + b, : min(Q, sizes[b])]) for b in range(B)]
+            for l in range(L)
+        ]
+
+
+def _check(tgt, sizes, Q):
+    """Raises scipy's errors for images whose cost was invalid or infeasible (codes fill a row)."""
+    if Q == 0:
+        return
+    for r, code in enumerate(tgt[:, 0].tolist()):
+        image = r % len(sizes)
+        if sizes[image] and code == INVALID:
+            raise ValueError(f"matching cost of image {image} contains invalid numeric entries (NaN/-inf)")
+        if sizes[image] and code == INFEASIBLE:
+            raise ValueError(f"matching cost of image {image} is infeasible")
