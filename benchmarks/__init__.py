@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark) and the results-file writer; see shared/BENCHMARKS.md."""
