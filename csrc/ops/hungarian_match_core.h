@@ -78,12 +78,15 @@ UF_HD double Problem<double>::at(int i, int j) const {
   return sign * cost[i * s_row + j * s_col];
 }
 
-// A contiguous row-major double problem (the CPU kernel's copy, sign applied).
+// A contiguous row-major problem: the CPU kernel's copy, sign applied, stored
+// as float for float/half/bfloat16 inputs (exact, and half the cache traffic)
+// and as double for double inputs.  Arithmetic is in double either way.
+template <typename T>
 struct DenseProblem {
-  const double* cost;
+  const T* cost;
   int nr;
   int nc;
-  UF_HD double at(int i, int j) const { return cost[static_cast<int64_t>(i) * nc + j]; }
+  UF_HD double at(int i, int j) const { return static_cast<double>(cost[static_cast<int64_t>(i) * nc + j]); }
 };
 
 // Solver state.  Sizes: rows R = max nr, columns C = max nc of any problem
@@ -492,8 +495,8 @@ UF_HD void write_result(const Workspace& w, int status, bool transposed, int n_o
 //               threads, seen by all.
 // Values every thread computes from those results (i, min_val, n_rem) stay
 // uniform, so control flow never diverges inside a block.  SerialBlock below
-// is the CPU kernel (T = 1) and, with T > 1, a sequential simulation of a CUDA
-// block that lets CPU tests run the CUDA decomposition; CudaBlock is in
+// is the CPU kernel, SimBlock a sequential simulation of a CUDA block that lets
+// CPU tests run the CUDA decomposition; CudaBlock is in
 // cuda/hungarian_match_kernel.cu.
 
 template <typename P, typename Block>
@@ -561,10 +564,36 @@ UF_HD int solve(const P& p, Workspace& w, bool use_jv_start, bool check_invalid,
   return kStatusOk;
 }
 
-// Host execution policy: T "threads" run one after another.  Between barriers
-// the threads of the algorithm touch disjoint columns or only read shared
-// state, so running them in sequence gives exactly what a block computes.
+// Host execution policy of the CPU kernel: one thread.  The constant (0, 1)
+// start/stride lets every loop compile to a plain unit-stride loop.
 struct SerialBlock {
+  template <typename F>
+  void all(F f) {
+    f(0, 1);
+  }
+  template <typename F>
+  void single(F f) {
+    f();
+  }
+  template <typename F>
+  bool any(F f) {
+    return f(0, 1);
+  }
+  template <typename F>
+  TwoMin two_min(F f) {
+    return f(0, 1);
+  }
+  template <typename P>
+  Key scan(const P& p, Workspace& w, int i, double min_val, int n_rem) {
+    return scan_remaining(p, w, i, min_val, n_rem);
+  }
+};
+
+// A CUDA block of T threads simulated on the host, one thread after another.
+// Between barriers the algorithm's threads touch disjoint columns or only read
+// shared state, so running them in sequence computes exactly what the block
+// computes; CPU tests use it to execute the CUDA kernel's decomposition.
+struct SimBlock {
   int T;
   template <typename F>
   void all(F f) {
@@ -587,8 +616,7 @@ struct SerialBlock {
     return m;
   }
   template <typename P>
-  Key scan(const P& p, Workspace& w, int i, double min_val, int n_rem) {
-    if (T == 1) return scan_remaining(p, w, i, min_val, n_rem);
+  Key scan(const P& p, Workspace& w, int i, double min_val, int /*n_rem*/) {
     Key best{INFINITY, -1};
     for (int t = 0; t < T; ++t) {
       const Key k = lsa::scan(p, w, i, min_val, t, T);
