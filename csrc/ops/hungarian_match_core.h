@@ -78,6 +78,23 @@ UF_HD double Problem<double>::at(int i, int j) const {
   return sign * cost[i * s_row + j * s_col];
 }
 
+// Problem b of a batch: N rows, num_cols[b] (or M) active columns.  Working
+// rows are the smaller side, so the problem is transposed when it has fewer
+// columns than rows (as scipy does).  valid is false for num_cols outside [0, M].
+struct Shape {
+  bool valid;
+  bool transposed;
+  int nr;
+  int nc;
+};
+
+UF_HD Shape problem_shape(int64_t N, int64_t M, const int64_t* num_cols, int64_t b) {
+  const int64_t cols = num_cols ? num_cols[b] : M;
+  if (cols < 0 || cols > M) return Shape{false, false, 0, 0};
+  const bool transposed = cols < N;
+  return Shape{true, transposed, static_cast<int>(transposed ? cols : N), static_cast<int>(transposed ? N : cols)};
+}
+
 // A contiguous row-major problem: the CPU kernel's copy, sign applied, stored
 // as float for float/half/bfloat16 inputs (exact, and half the cache traffic)
 // and as double for double inputs.  Arithmetic is in double either way.

@@ -98,14 +98,14 @@ void hungarian_match_forward_kernel_impl(const at::Tensor& cost, const int64_t* 
   };
   const std::function<void(int64_t, Scratch&)> solve_one = [&](int64_t b, Scratch& scratch) {
     int64_t* o = out + b * N;
-    const int64_t nc_b = num_cols ? num_cols[b] : M;
-    if (nc_b < 0 || nc_b > M) {
+    const lsa::Shape shape = lsa::problem_shape(N, M, num_cols, b);
+    if (!shape.valid) {
       std::fill(o, o + N, lsa::kInvalid);
       return;
     }
-    const bool transposed = nc_b < N;
-    const int nr = static_cast<int>(std::min(N, nc_b));
-    const int nc = static_cast<int>(std::max(N, nc_b));
+    const bool transposed = shape.transposed;
+    const int nr = shape.nr, nc = shape.nc;
+    const int64_t nc_b = transposed ? nr : nc;  // active source columns
     scratch.buf.resize(static_cast<size_t>(nr) * nc);
     const scalar_t* src = base + b * sB;
     T* dst = scratch.buf.data();
@@ -174,17 +174,15 @@ void block_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximi
   lsa::Workspace w = lsa::carve_workspace(ws_store.data(), R, C);
   for (int64_t b = 0; b < B; ++b) {
     int64_t* o = out + b * N;
-    const int64_t nc_b = num_cols ? num_cols[b] : M;
-    if (nc_b < 0 || nc_b > M) {
+    const lsa::Shape shape = lsa::problem_shape(N, M, num_cols, b);
+    if (!shape.valid) {
       std::fill(o, o + N, lsa::kInvalid);
       continue;
     }
-    const bool transposed = nc_b < N;
-    const int nr = static_cast<int>(std::min(N, nc_b));
-    const int nc = static_cast<int>(std::max(N, nc_b));
+    const bool transposed = shape.transposed;
     const lsa::Problem<scalar_t> p{cost.data_ptr<scalar_t>() + b * cost.stride(0),
                                    transposed ? cost.stride(2) : cost.stride(1),
-                                   transposed ? cost.stride(1) : cost.stride(2), nr, nc,
+                                   transposed ? cost.stride(1) : cost.stride(2), shape.nr, shape.nc,
                                    maximize ? -1.0 : 1.0};
     lsa::SimBlock blk{threads};
     lsa::ArrState st{};

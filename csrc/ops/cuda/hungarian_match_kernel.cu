@@ -144,16 +144,15 @@ __global__ void hungarian_match_forward_kernel_impl(const scalar_t* __restrict__
 
   const int b = blockIdx.x, tid = threadIdx.x, T = blockDim.x;
   int64_t* o = out + static_cast<int64_t>(b) * N;
-  const int64_t nc_b = num_cols ? num_cols[b] : M;
-  if (nc_b < 0 || nc_b > M) {  // uniform over the block
+  const lsa::Shape shape = lsa::problem_shape(N, M, num_cols, b);
+  if (!shape.valid) {  // uniform over the block
     lsa::Workspace none{};
     lsa::write_result(none, lsa::kStatusInvalid, false, N, o, tid, T);
     return;
   }
-  const bool transposed = nc_b < N;
-  const int nr = static_cast<int>(transposed ? nc_b : N);
-  const int nc = static_cast<int>(transposed ? N : nc_b);
-  const lsa::Problem<scalar_t> p{cost + b * sB, transposed ? sM : sN, transposed ? sN : sM, nr, nc, sign};
+  const bool transposed = shape.transposed;
+  const lsa::Problem<scalar_t> p{cost + b * sB, transposed ? sM : sN, transposed ? sN : sM, shape.nr, shape.nc,
+                                 sign};
   lsa::Workspace w = lsa::carve_workspace(kSharedWs ? smem : gws + b * ws_stride, R, C);
   CudaBlock blk{red, red2, &key_out, &two_out};
   const int status = lsa::solve(p, w, jv_start, /*check_invalid=*/true, blk, &arr);
