@@ -58,9 +58,14 @@ def _num_cols_tensor(num_cols, B, M, device):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise TypeError(f"num_cols entries must be ints, got {v!r}")
     _check_num_cols_range(values, M)
-    host = torch.tensor(values, dtype=torch.long)
-    if torch.device(device).type == "cuda":
-        host = host.pin_memory()  # pinned + non_blocking: no host sync for the copy
+    return to_device(values, device)
+
+
+def to_device(values, device):
+    """Host ints or an int64 tensor -> int64 tensor on ``device``, without a host sync."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type == "cuda" and not torch.compiler.is_compiling():
+        host = host.pin_memory()  # pinned + non_blocking: the copy does not wait for the GPU
     return host.to(device, non_blocking=True)
 
 

@@ -1,10 +1,10 @@
 """``HungarianMatcher``: a drop-in for DETR's and MMF's matcher, solved in one batched call."""
 
+import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
-from unit_fast.ops.hungarian_match import INVALID, INFEASIBLE, batched_linear_sum_assignment
+from unit_fast.ops.hungarian_match import INFEASIBLE, INVALID, batched_linear_sum_assignment, to_device
 from unit_fast.ops.hungarian_match.cost import matching_cost
 
 # Padding target box (cxcywh): any valid box keeps the padded columns finite.
@@ -81,20 +81,20 @@ class HungarianMatcher(nn.Module):
             raise ValueError(f"got {len(targets)} target dicts for a batch of {B} predictions")
         device = logits.device
         sizes = [int(t["labels"].shape[0]) for t in targets]
-        labels = pad_sequence([t["labels"].to(device) for t in targets], batch_first=True)  # [B, T]
-        tboxes = pad_sequence([t["boxes"].to(device) for t in targets], batch_first=True,
-                              padding_value=_PAD_BOX)  # [B, T, 4]
-        T = labels.shape[1]
-        num_cols = None
-        if T:
-            # Target counts built on the device: no host->device copy to wait for.
-            ones = [torch.ones_like(t["labels"], device=device) for t in targets]
-            num_cols = pad_sequence(ones, batch_first=True).sum(1).repeat(L)  # [L*B]
+        T = max(sizes, default=0)
+        # Padded targets [B, T] from one concatenation and one scatter, with slots
+        # computed on the host: pad_sequence would launch a copy per image.
+        slot = to_device(_prefix_positions(sizes, T), device)  # [sum T]
+        labels = torch.cat([t["labels"] for t in targets]).to(device)  # [sum T]
+        labels = labels.new_zeros(B * T).index_copy_(0, slot, labels).view(B, T)
+        tboxes = torch.cat([t["boxes"] for t in targets]).to(device)  # [sum T, 4]
+        tboxes = tboxes.new_full((B * T, 4), _PAD_BOX).index_copy_(0, slot, tboxes).view(B, T, 4)
         cost = matching_cost(
             logits.flatten(0, 1), boxes.flatten(0, 1),  # [L*B, Q, C+1], [L*B, Q, 4]
             labels.repeat(L, 1), tboxes.repeat(L, 1, 1),  # [L*B, T], [L*B, T, 4]
             self.cost_class, self.cost_bbox, self.cost_giou, self.logsoftmax,
         )  # [L*B, Q, T]
+        num_cols = to_device(sizes * L, device) if T else None  # [L*B]
         assign = batched_linear_sum_assignment(cost, num_cols, backend=self.backend)  # [L*B, Q]
         # Assigned rows first, in ascending order: a stable sort keeps every shape static.
         order = torch.argsort((assign < 0).to(torch.uint8), dim=1, stable=True)  # [L*B, Q]
@@ -103,10 +103,23 @@ class HungarianMatcher(nn.Module):
             order, tgt = order.cpu(), tgt.cpu()  # host sync: DETR returns CPU indices
             if not torch.compiler.is_compiling():
                 _check(tgt, sizes, Q)
-        return [
-            [(order[l * B + b, : min(Q, sizes[b])], tgt[l * B + b, : min(Q, sizes[b])]) for b in range(B)]
-            for l in range(L)
-        ]
+        counts = [min(Q, s) for s in sizes] * L  # matches per (layer, image)
+        if torch.compiler.is_compiling():
+            pairs = [(order[r, :k], tgt[r, :k]) for r, k in enumerate(counts)]
+        else:
+            # One gather and one split instead of 2 * L * B Python slices (~1 ms at L*B = 384).
+            keep = to_device(_prefix_positions(counts, Q), order.device)  # [sum counts]
+            pairs = list(zip(order.flatten()[keep].split(counts), tgt.flatten()[keep].split(counts)))
+        return [pairs[l * B : (l + 1) * B] for l in range(L)]
+
+
+def _prefix_positions(lengths, width):
+    """Flat positions ``r * width + j`` for ``j < lengths[r]``, as host int64 ``(sum lengths,)``."""
+    if torch.compiler.is_compiling():
+        return torch.tensor([r * width + j for r, n in enumerate(lengths) for j in range(n)], dtype=torch.long)
+    n = np.asarray(lengths, dtype=np.int64)
+    starts = np.repeat(np.arange(len(n), dtype=np.int64) * width - (np.cumsum(n) - n), n)
+    return torch.from_numpy(starts + np.arange(int(n.sum()), dtype=np.int64))
 
 
 def _check(tgt, sizes, Q):
