@@ -22,6 +22,9 @@ BACKENDS = ("cpp", "triton", "reference")
 # Which backends each op implements, per device type.
 OP_BACKENDS = {
     "hungarian_match": {"cpu": ("cpp", "reference"), "cuda": ("cpp", "reference")},
+    "pairwise_giou": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
+    "box_loss": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
+    "matching_cost": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
 }
 
 
