@@ -33,8 +33,8 @@ from benchmarks.shapes import (
     matcher_inputs,
 )
 from unit_fast import _backend
-from unit_fast.ops.hungarian_match.cost import matching_cost
 from unit_fast.ops.hungarian_match.reference import hungarian_match_ref, hungarian_matcher_ref
+from unit_fast.ops.matching_cost import matching_cost_ref
 
 # Totals are evaluated in float64 on float32 costs; a float32 solve may pick an assignment whose
 # total differs from scipy's float64 optimum by rounding only (tests/ops use the same rtol).
@@ -165,7 +165,9 @@ def _matcher_reference(setting_name):
     boxes = torch.cat([o["pred_boxes"] for o in layers]).double()  # [L*B, Q, 4]
     labels = torch.stack([t["labels"] for t in targets]).repeat(L, 1)  # [L*B, T]
     tboxes = torch.stack([t["boxes"] for t in targets]).double().repeat(L, 1, 1)  # [L*B, T, 4]
-    cost = matching_cost(logits, boxes, labels, tboxes, logsoftmax=False, **MATCHER_COSTS)  # [L*B, Q, T]
+    num_targets = torch.full((labels.shape[0],), labels.shape[1])  # [L*B]: every image has T targets
+    cost = matching_cost_ref(logits, boxes, labels, tboxes, num_targets, logsoftmax=False,
+                             **MATCHER_COSTS)  # [L*B, Q, T]
     return cost, _assignment_totals(cost, hungarian_match_ref(cost))[0]
 
 

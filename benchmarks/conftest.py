@@ -34,12 +34,6 @@ SLOW_CALL_S = 0.02
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
-def pytest_collect_file(file_path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
 

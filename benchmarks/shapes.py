@@ -105,3 +105,101 @@ def matcher_inputs(setting, device="cpu"):
         for _ in range(B)
     ]
     return outputs, targets
+
+
+# ---------------------------------------------------------------------------------------------
+# matching_cost: the matcher's cost blocks, L decoder layers x B images x Q queries x T targets.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatchingCostShape:
+    """The matcher's cost for ``layers`` decoder layers of ``B`` images: ``Q`` queries by ``T``
+    targets (every image has ``T``), ``num_classes`` logits (COCO's 91 classes + no-object)."""
+
+    name: str
+    layers: int
+    B: int
+    Q: int
+    T: int
+    num_classes: int
+    where: str
+
+    def as_dict(self):
+        return {"L": self.layers, "B": self.B, "Q": self.Q, "T": self.T, "C": self.num_classes}
+
+
+MATCHING_COST_SHAPES = {
+    s.name: s
+    for base, B, Q, T, where in (
+        ("detr_coco_b64", 64, 100, 20, "DETR on COCO: 100 queries, a busy image's ~20 objects"),
+        ("detr_coco_dense_b64", 64, 100, 50, "DETR on COCO, crowded images (50 objects)"),
+        ("dino_900q_b16", 16, 900, 100, "DINO / Deformable-DETR two-stage: 900 queries"),
+        ("rtdetr_300q_b64", 64, 300, 100, "RT-DETR: 300 queries, up to 100 objects"),
+    )
+    for layers in (1, 6)
+    for s in (MatchingCostShape(f"{base}_L{layers}", layers, B, Q, T, 92, where),)
+}
+
+
+def matching_cost_inputs(shape, device="cpu", num_sets=NUM_INPUT_SETS):
+    """``num_sets`` input tuples of ``unit_fast.ops.matching_cost``'s arguments for ``shape``.
+
+    Each is ``(pred_logits (L, B, Q, C+1) f32, pred_boxes (L, B, Q, 4) f32 cxcywh in (0.1, 0.6),
+    tgt_labels (B, T) int64 in [0, C), tgt_boxes (B, T, 4) f32, num_targets (B,) int64 = T)``.
+    """
+    gen = torch.Generator().manual_seed(SEED)
+    L, B, Q, T, C1 = shape.layers, shape.B, shape.Q, shape.T, shape.num_classes
+
+    def one():
+        return (
+            torch.randn(L, B, Q, C1, generator=gen).to(device),
+            (torch.rand(L, B, Q, 4, generator=gen) * 0.5 + 0.1).to(device),
+            torch.randint(0, C1 - 1, (B, T), generator=gen).to(device),  # C1 - 1: no "no-object"
+            (torch.rand(B, T, 4, generator=gen) * 0.5 + 0.1).to(device),
+            torch.full((B,), T, dtype=torch.long).to(device),
+        )
+
+    return [one() for _ in range(num_sets)]
+
+
+# ---------------------------------------------------------------------------------------------
+# box_loss: DETR's L1 + GIoU loss over matched (prediction, target) pairs, (N, 4) cxcywh each.
+
+
+@dataclass(frozen=True)
+class BoxLossShape:
+    """``N`` matched pairs, as ``SetCriterion.loss_boxes`` sees them after indexing."""
+
+    name: str
+    N: int
+    where: str
+
+    def as_dict(self):
+        return {"N": self.N}
+
+
+BOX_LOSS_SHAPES = {
+    s.name: s
+    for s in (
+        BoxLossShape("detr_coco_b64", 64 * 20, "DETR on COCO, batch 64, ~20 objects per image"),
+        BoxLossShape("detr_b16_t100", 16 * 100, "batch 16, 100 objects per image (crowded / VG)"),
+        BoxLossShape("pairs_1m", 1_000_000, "1M pairs: bandwidth-bound, for the HBM target"),
+    )
+}
+BOX_LOSS_DTYPE = torch.float32
+
+
+def box_loss_pairs(shape, device="cpu", num_sets=NUM_INPUT_SETS, dtype=BOX_LOSS_DTYPE):
+    """``num_sets`` ``(src, tgt)`` pairs of ``(N, 4)`` cxcywh boxes on ``device``: targets with
+    centres in [0.2, 0.8) and sides in [0.05, 0.5), predictions jittered around them by up to
+    +-0.15 (most pairs overlap, some do not; no zero-area boxes)."""
+    gen = torch.Generator().manual_seed(SEED)
+    sets = []
+    for _ in range(num_sets):
+        tgt = torch.cat([torch.rand(shape.N, 2, generator=gen) * 0.6 + 0.2,
+                         torch.rand(shape.N, 2, generator=gen) * 0.45 + 0.05], 1)  # [N, 4]
+        src = tgt + (torch.rand(shape.N, 4, generator=gen) - 0.5) * 0.3  # [N, 4]
+        src[:, 2:] = src[:, 2:].clamp(min=0.01)
+        sets.append((src.to(device, dtype), tgt.to(device, dtype)))
+    return sets

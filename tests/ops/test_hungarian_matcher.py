@@ -6,7 +6,7 @@ import torch
 from unit_fast import INVALID, HungarianMatcher
 from unit_fast import _backend
 from unit_fast.ops.hungarian_match import hungarian_matcher_ref
-from unit_fast.ops.hungarian_match.cost import matching_cost
+from unit_fast.ops.matching_cost import matching_cost_ref
 from unit_fast.testing import devices
 
 DEVICE_BACKENDS = [(d, b) for d in devices() for b in _backend.backends_for("hungarian_match", d)]
@@ -34,8 +34,9 @@ def detr_cost_block(outputs, targets, b, logsoftmax=False):
     """Image b's [Q, T_b] block of the reference's cross-image cost, in float64."""
     o = {k: v[b : b + 1].double() for k, v in outputs.items() if k != "aux_outputs"}
     t = targets[b]
-    c = matching_cost(o["pred_logits"], o["pred_boxes"], t["labels"][None], t["boxes"][None].double(),
-                      COSTS["cost_class"], COSTS["cost_bbox"], COSTS["cost_giou"], logsoftmax)
+    num_targets = torch.tensor([len(t["labels"])], device=t["labels"].device)  # [1]
+    c = matching_cost_ref(o["pred_logits"], o["pred_boxes"], t["labels"][None], t["boxes"][None].double(),
+                          num_targets, logsoftmax=logsoftmax, **COSTS)
     return c[0]
 
 

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from unit_fast.ops.hungarian_match import INFEASIBLE, INVALID, batched_linear_sum_assignment, to_device
-from unit_fast.ops.hungarian_match.cost import matching_cost
+from unit_fast.ops.matching_cost import matching_cost
 
-# Padding target box (cxcywh): any valid box keeps the padded columns finite.
+# Padding target box (cxcywh).  The cost's padding columns are +inf whatever it holds (and the
+# solver never reads them: num_cols); a valid box keeps the reference's GIoU there NaN-free.
 _PAD_BOX = 0.5
 
 
@@ -89,12 +90,13 @@ class HungarianMatcher(nn.Module):
         labels = labels.new_zeros(B * T).index_copy_(0, slot, labels).view(B, T)
         tboxes = torch.cat([t["boxes"] for t in targets]).to(device)  # [sum T, 4]
         tboxes = tboxes.new_full((B * T, 4), _PAD_BOX).index_copy_(0, slot, tboxes).view(B, T, 4)
+        num_targets = to_device(sizes, device)  # [B]
         cost = matching_cost(
-            logits.flatten(0, 1), boxes.flatten(0, 1),  # [L*B, Q, C+1], [L*B, Q, 4]
-            labels.repeat(L, 1), tboxes.repeat(L, 1, 1),  # [L*B, T], [L*B, T, 4]
+            logits, boxes,  # [L, B, Q, C+1], [L, B, Q, 4]
+            labels, tboxes, num_targets,  # [B, T], [B, T, 4], [B]
             self.cost_class, self.cost_bbox, self.cost_giou, self.logsoftmax,
-        )  # [L*B, Q, T]
-        num_cols = to_device(sizes * L, device) if T else None  # [L*B]
+        ).flatten(0, 1)  # [L*B, Q, T]; padding columns are +inf, never read (num_cols)
+        num_cols = num_targets.repeat(L) if T else None  # [L*B]
         assign = batched_linear_sum_assignment(cost, num_cols, backend=self.backend)  # [L*B, Q]
         # Assigned rows first, in ascending order: a stable sort keeps every shape static.
         order = torch.argsort((assign < 0).to(torch.uint8), dim=1, stable=True)  # [L*B, Q]
