@@ -2,7 +2,14 @@
 transformers (UniT, DETR family) in PyTorch."""
 
 from unit_fast import _ext  # noqa: F401  (loads unit_fast._C once)
-from unit_fast.ops import HungarianMatcher, batched_linear_sum_assignment, linear_sum_assignment
+from unit_fast.ops import (
+    BoxLoss,
+    HungarianMatcher,
+    batched_linear_sum_assignment,
+    box_loss,
+    linear_sum_assignment,
+    matching_cost,
+)
 from unit_fast.ops.hungarian_match import INFEASIBLE, INVALID, UNASSIGNED
 
 __version__ = "0.1.0"
@@ -11,7 +18,10 @@ __all__ = [
     "INFEASIBLE",
     "INVALID",
     "UNASSIGNED",
+    "BoxLoss",
     "HungarianMatcher",
     "batched_linear_sum_assignment",
+    "box_loss",
     "linear_sum_assignment",
+    "matching_cost",
 ]

@@ -360,7 +360,8 @@ def test_hungarian_match_dispatcher_backends_agree():
 
 
 def test_public_names():
-    for name in ("batched_linear_sum_assignment", "linear_sum_assignment", "HungarianMatcher"):
+    for name in ("batched_linear_sum_assignment", "linear_sum_assignment", "HungarianMatcher", "box_loss",
+                 "BoxLoss", "matching_cost"):
         assert callable(getattr(unit_fast, name))
 
 

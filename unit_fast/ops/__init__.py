@@ -1,10 +1,20 @@
 """unit_fast ops: each has a reference, kernels, a dispatcher, tests and a benchmark."""
 
+from unit_fast.ops.box_loss import BoxLoss, box_loss
 from unit_fast.ops.hungarian_match import (
     HungarianMatcher,
     batched_linear_sum_assignment,
     hungarian_match,
     linear_sum_assignment,
 )
+from unit_fast.ops.matching_cost import matching_cost
 
-__all__ = ["HungarianMatcher", "batched_linear_sum_assignment", "hungarian_match", "linear_sum_assignment"]
+__all__ = [
+    "BoxLoss",
+    "HungarianMatcher",
+    "batched_linear_sum_assignment",
+    "box_loss",
+    "hungarian_match",
+    "linear_sum_assignment",
+    "matching_cost",
+]
