@@ -429,3 +429,47 @@ def test_block_sim_registration():
                           (torch.rand(2, 4, 6), None, False, False, 32))
     with pytest.raises(ValueError, match="threads"):
         block_sim(torch.rand(1, 2, 2), threads=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", range(4))
+def test_randomized_against_scipy(seed):
+    """Many small problems of every character -- ties, huge and tiny scales, negative costs,
+    forbidden pairs, maximize, infeasible -- through the CPU kernel (both tie modes) and the
+    CUDA decomposition (1, 3 and 32 workers): scipy's total, or INFEASIBLE where scipy raises."""
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        n, m = (int(x) for x in rng.integers(1, 14, 2))
+        kind = rng.integers(0, 5)
+        if kind == 0:
+            c = rng.random((n, m))
+        elif kind == 1:
+            c = rng.integers(-3, 4, (n, m)).astype(float)
+        elif kind == 2:
+            c = rng.integers(0, 2, (n, m)) * 1e6
+        elif kind == 3:
+            c = rng.normal(size=(n, m)) * 10.0 ** rng.integers(-8, 8)
+        else:
+            c = np.round(rng.random((n, m)), 1)
+        if rng.random() < 0.4:
+            c[rng.random((n, m)) < rng.random() * 0.8] = np.inf
+        maximize = bool(rng.random() < 0.3)
+        if maximize:
+            c[c == np.inf] = -np.inf
+        try:
+            r, k = scipy.optimize.linear_sum_assignment(c, maximize=maximize)
+            want = c[r, k].sum()
+        except ValueError:
+            want = None
+        t = torch.from_numpy(c)[None]
+        outs = [torch.ops.unit_fast.hungarian_match(t, None, maximize, ties) for ties in (False, True)]
+        outs += [block_sim(t, None, maximize, ties, threads) for ties in (False, True) for threads in (1, 3, 32)]
+        for out in outs:
+            out = out[0]
+            if want is None:
+                assert (out == INFEASIBLE).all(), (c, out)
+                continue
+            rows = torch.nonzero(out >= 0).flatten()
+            assert len(rows) == min(n, m) and len(set(out[rows].tolist())) == len(rows), (c, out)
+            got = c[rows.numpy(), out[rows].numpy()].sum()
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-9 * max(1.0, abs(want))), (c, out)
