@@ -1,0 +1,118 @@
+"""Drop-in for DETR's ``util/box_ops.py`` and MMF's ``mmf/utils/box_ops.py``.
+
+Same names, signatures and results.  Boxes are ``(..., 4)`` tensors: ``cxcywh`` is
+(center x, center y, width, height), ``xyxy`` is (x0, y0, x1, y1); any float dtype.
+
+Differences from the reference, all deliberate:
+- Where DETR asserts that boxes are well formed (``generalized_box_iou``), these raise a
+  ``ValueError`` naming the first bad box -- inverted (x1 < x0 or y1 < y0) or non-finite.  The
+  check reads the boxes on the host, a sync exactly where DETR's assert is one; the fused
+  training-path ops (``matching_cost``, ``box_loss``) check nothing and never sync.
+- ``generalized_box_iou_loss`` (matched pairs, torchvision semantics) and ``matching_cost``
+  (the matcher's per-image cost) are additions.
+"""
+
+import torch
+
+from unit_fast.ops.matching_cost import matching_cost
+
+__all__ = [
+    "box_cxcywh_to_xyxy",
+    "box_iou",
+    "box_xyxy_to_cxcywh",
+    "generalized_box_iou",
+    "generalized_box_iou_loss",
+    "matching_cost",
+]
+
+
+def box_cxcywh_to_xyxy(x):
+    """``(..., 4)`` cxcywh -> ``(..., 4)`` xyxy."""
+    x_c, y_c, w, h = x.unbind(-1)
+    return torch.stack([(x_c - 0.5 * w), (y_c - 0.5 * h), (x_c + 0.5 * w), (y_c + 0.5 * h)], dim=-1)
+
+
+def box_xyxy_to_cxcywh(x):
+    """``(..., 4)`` xyxy -> ``(..., 4)`` cxcywh."""
+    x0, y0, x1, y1 = x.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0), (y1 - y0)], dim=-1)
+
+
+def _box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1, boxes2):
+    """IoU of every pair: xyxy ``(N, 4)`` and ``(M, 4)`` -> ``(iou (N, M), union (N, M))``."""
+    area1 = _box_area(boxes1)
+    area2 = _box_area(boxes2)
+    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])  # [N, M, 2]
+    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])  # [N, M, 2]
+    wh = (rb - lt).clamp(min=0)  # [N, M, 2]
+    inter = wh[:, :, 0] * wh[:, :, 1]  # [N, M]
+    union = area1[:, None] + area2 - inter
+    return inter / union, union
+
+
+def _check_boxes(boxes, name):
+    """ValueError naming the first non-finite or inverted xyxy box (a host sync, as DETR's assert)."""
+    if boxes.numel() == 0:
+        return
+    bad = ~torch.isfinite(boxes).all(-1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if bool(bad.any()):  # host sync
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name}[{i}] = {boxes[i].tolist()} is not a valid xyxy box: need finite values with "
+            "x1 >= x0 and y1 >= y0"
+        )
+
+
+def generalized_box_iou(boxes1, boxes2):
+    """Generalized IoU (https://giou.stanford.edu/) of every pair.
+
+    Args:
+        boxes1: ``(N, 4)`` xyxy.  boxes2: ``(M, 4)`` xyxy.
+
+    Returns:
+        ``(N, M)`` GIoU in [-1, 1].  Degenerate boxes give NaN as in DETR (0 / 0).
+
+    Raises:
+        ValueError: naming the first inverted or non-finite box (DETR asserts instead).
+    """
+    _check_boxes(boxes1, "boxes1")
+    _check_boxes(boxes2, "boxes2")
+    iou, union = box_iou(boxes1, boxes2)
+    lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
+    rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
+    wh = (rb - lt).clamp(min=0)  # [N, M, 2]
+    area = wh[:, :, 0] * wh[:, :, 1]
+    return iou - (area - union) / area
+
+
+def generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=1e-7):
+    """``1 - GIoU`` of matched pairs, as ``torchvision.ops.generalized_box_iou_loss``.
+
+    Args:
+        boxes1, boxes2: ``(..., 4)`` xyxy, same shape (pair i is ``boxes1[i]``, ``boxes2[i]``).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        eps: added to the union and enclosing areas, as torchvision does.
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if boxes1.shape != boxes2.shape or boxes1.shape[-1:] != (4,):
+        raise ValueError(f"expected two (..., 4) tensors of one shape, got {tuple(boxes1.shape)} and "
+                         f"{tuple(boxes2.shape)}")
+    x1, y1, x2, y2 = boxes1.unbind(-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(-1)
+    xi1, yi1 = torch.max(x1, x1g), torch.max(y1, y1g)
+    xi2, yi2 = torch.min(x2, x2g), torch.min(y2, y2g)
+    inter = torch.where((xi2 > xi1) & (yi2 > yi1), (xi2 - xi1) * (yi2 - yi1), torch.zeros_like(x1))
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    hull = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    loss = 1 - (iou - (hull - union) / (hull + eps))
+    if reduction == "mean":
+        return loss.mean() if loss.numel() > 0 else 0.0 * loss.sum()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
