@@ -15,6 +15,7 @@ Differences from the reference, all deliberate:
 import torch
 
 from unit_fast.ops.matching_cost import matching_cost
+from unit_fast.ops.pairwise_giou import pairwise_giou
 
 __all__ = [
     "box_cxcywh_to_xyxy",
@@ -74,19 +75,15 @@ def generalized_box_iou(boxes1, boxes2):
         boxes1: ``(N, 4)`` xyxy.  boxes2: ``(M, 4)`` xyxy.
 
     Returns:
-        ``(N, M)`` GIoU in [-1, 1].  Degenerate boxes give NaN as in DETR (0 / 0).
+        ``(N, M)`` GIoU in [-1, 1], differentiable (``unit_fast.ops.pairwise_giou``: one Triton
+        tile pass on CUDA).  Degenerate boxes give NaN as in DETR (0 / 0).
 
     Raises:
         ValueError: naming the first inverted or non-finite box (DETR asserts instead).
     """
     _check_boxes(boxes1, "boxes1")
     _check_boxes(boxes2, "boxes2")
-    iou, union = box_iou(boxes1, boxes2)
-    lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
-    rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
-    wh = (rb - lt).clamp(min=0)  # [N, M, 2]
-    area = wh[:, :, 0] * wh[:, :, 1]
-    return iou - (area - union) / area
+    return pairwise_giou(boxes1, boxes2)  # Triton on CUDA, the reference composition on CPU
 
 
 def generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=1e-7):

@@ -14,6 +14,7 @@ import torchvision
 from unit_fast import _backend
 from unit_fast.ops.box_loss import BoxLoss, box_loss, box_loss_ref
 from unit_fast.ops.box_loss import triton as box_loss_triton
+from unit_fast.box_ops import box_xyxy_to_cxcywh
 from unit_fast.ops.box_loss.reference import box_cxcywh_to_xyxy
 from unit_fast.testing import REF_ERROR_ATOL, assert_close_ref, assert_within_ref_error
 
@@ -305,3 +306,16 @@ def test_module():
     src, tgt = random_pairs(4)
     for a, b in zip(module(src, tgt, 4.0), box_loss_ref(src.double(), tgt.double(), 4.0)):
         assert_close_ref(a, b, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_touching_edges_gradient(device, backend):
+    # Top edge of the prediction on the target's bottom edge (y = 0.77734375, exact): overlap
+    # height exactly 0, where autograd's clamp(min=0) passes no gradient.
+    src = box_xyxy_to_cxcywh(torch.tensor([[-0.1181640625, 0.76171875, 0.38671875, 0.77734375]],
+                                          dtype=torch.float64))
+    tgt = box_xyxy_to_cxcywh(torch.tensor([[0.265625, 0.77734375, 0.33203125, 0.8125]], dtype=torch.float64))
+    x, rx = src.clone().to(device).requires_grad_(), src.clone().requires_grad_()
+    got = torch.autograd.grad(sum(box_loss(x, tgt.to(device), 1.0, backend=backend)), x)[0]
+    want = torch.autograd.grad(sum(box_loss_ref(rx, tgt, 1.0)), rx)[0]
+    torch.testing.assert_close(got.cpu(), want)

@@ -134,8 +134,8 @@ def _box_loss_bwd_kernel(
 
     Reverse mode through the forward's graph, in autograd's order and with its subgradients:
       - ``|d|``: ``sign(d)``, 0 at ``d = 0`` and for NaN (``abs`` backward is ``sgn``);
-      - ``clamp(x, min=0)``: passes the gradient where ``x >= 0`` -- touching edges (``x = 0``)
-        included -- and blocks it elsewhere, NaN included;
+      - ``clamp(x, min=0)``: passes the gradient where ``x > 0`` and blocks it elsewhere --
+        touching edges (``x = 0``) and NaN included (torch's clamp backward, checked);
       - ``max(a, b)`` / ``min(a, b)``: all to the winner, half to each on a tie;
       - ``I / U``, ``(C - U) / C``: the two partials of a division, as ``div`` backward forms them.
     ``g_bbox`` and ``g_giou`` are read from device memory: no host sync for them.
@@ -186,11 +186,11 @@ def _box_loss_bwd_kernel(
     d_inter -= d_union
 
     # inter = iw * ih; iw = clamp(riw, 0); riw = min(ax1, bx1) - max(ax0, bx0)
-    d_riw = tl.where(riw >= 0, d_inter * ih, 0.0)
-    d_rih = tl.where(rih >= 0, d_inter * iw, 0.0)
+    d_riw = tl.where(riw > 0, d_inter * ih, 0.0)
+    d_rih = tl.where(rih > 0, d_inter * iw, 0.0)
     # hull = cw * ch; cw = clamp(rcw, 0); rcw = max(ax1, bx1) - min(ax0, bx0)
-    d_rcw = tl.where(rcw >= 0, d_hull * ch, 0.0)
-    d_rch = tl.where(rch >= 0, d_hull * cw, 0.0)
+    d_rcw = tl.where(rcw > 0, d_hull * ch, 0.0)
+    d_rch = tl.where(rch > 0, d_hull * cw, 0.0)
 
     # corners: areas, then the intersection's and the hull's min / max
     d_ax1 = d_area_a * ah

@@ -1,0 +1,122 @@
+"""unit_fast::pairwise_giou: every backend against the fp64 reference and torchvision.ops."""
+
+import pytest
+import torch
+import torchvision.ops as tvo
+
+from unit_fast import _backend, box_ops
+from unit_fast.ops.pairwise_giou import pairwise_giou, pairwise_giou_ref
+from unit_fast.testing import assert_within_ref_error, devices
+
+# On CPU the Triton kernels run through the interpreter (tests/conftest.py sets it).
+CASES = [(d, b) for d in devices() for b in (["reference", "triton"] if d == "cpu"
+                                              else _backend.backends_for("pairwise_giou", d))]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Overlapping, disjoint, nested, identical and touching boxes (exact in binary).
+SPECIAL = torch.tensor([[0.0, 0.0, 2.0, 2.0], [1.0, 1.0, 3.0, 3.0], [2.0, 2.0, 3.0, 3.0],
+                        [0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 2.0, 2.0], [2.0, 0.0, 3.0, 2.0]], dtype=torch.float64)
+
+
+def random_boxes(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 1.0, 0.5, 0.5],
+                                                                             dtype=torch.float64)
+    return box_ops.box_cxcywh_to_xyxy(x + torch.tensor([0, 0, 0.01, 0.01], dtype=torch.float64))
+
+
+def check(device, backend, b1, b2, dtype):
+    """Values and gradients in ``dtype`` within twice the reference's own error in ``dtype``."""
+    x1 = b1.to(device, dtype).requires_grad_()
+    x2 = b2.to(device, dtype).requires_grad_()
+    h1, h2 = b1.clone().requires_grad_(), b2.clone().requires_grad_()
+    l1, l2 = b1.to(dtype).requires_grad_(), b2.to(dtype).requires_grad_()
+    g = torch.rand(b1.shape[0], b2.shape[0], dtype=torch.float64)
+    out = pairwise_giou(x1, x2, backend=backend)
+    hi = pairwise_giou_ref(h1, h2)
+    lo = pairwise_giou_ref(l1, l2)
+    assert out.dtype == dtype and out.shape == (b1.shape[0], b2.shape[0])
+    assert_within_ref_error(out.cpu(), lo, hi, dtype, "value")
+    if out.numel() == 0:
+        return
+    grads = torch.autograd.grad((out * g.to(device, dtype)).sum(), (x1, x2))
+    hi_g = torch.autograd.grad((hi * g).sum(), (h1, h2))
+    lo_g = torch.autograd.grad((lo * g.to(dtype)).sum(), (l1, l2))
+    # The Triton interpreter (triton 3.8) truncates fp32 -> bf16 stores where compiled code
+    # rounds to nearest (cvt.rn.bf16.f32): allow that one extra bf16 step under the interpreter.
+    interp_bf16 = dtype == torch.bfloat16 and backend == "triton" and torch.device(device).type == "cpu"
+    for got, want, low in zip(grads, hi_g, lo_g):
+        extra = want.abs().max().item() * 2.0**-7 if interp_bf16 else 0.0
+        assert_within_ref_error(got.cpu(), low, want, dtype, "gradient", extra_atol=extra)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,m", [(1, 1), (5, 3), (33, 17), (0, 4), (4, 0)])
+def test_against_reference(device, backend, dtype, n, m):
+    check(device, backend, random_boxes(n, n), random_boxes(m, 100 + m), dtype)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_special_boxes_and_torchvision(device, backend):
+    check(device, backend, SPECIAL, SPECIAL, torch.float64)
+    out = pairwise_giou(SPECIAL.to(device), SPECIAL.to(device), backend=backend).cpu()
+    torch.testing.assert_close(out, tvo.generalized_box_iou(SPECIAL, SPECIAL))
+    assert (out.diagonal() == 1).all()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_non_contiguous(device, backend):
+    base = random_boxes(12, 3)
+    b1 = base.t().contiguous().t()  # column-major view
+    b2 = base[::2]
+    assert not b1.is_contiguous() and not b2.is_contiguous()
+    check(device, backend, b1, b2, torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_gradcheck(device, backend):
+    b1 = random_boxes(3, 7).to(device).requires_grad_()
+    b2 = random_boxes(2, 8).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: pairwise_giou(x, y, backend=backend), (b1, b2))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        pairwise_giou(torch.rand(3, 3), torch.rand(2, 4))
+    with pytest.raises(TypeError, match="floating"):
+        pairwise_giou(torch.ones(3, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="share dtype"):
+        pairwise_giou(torch.rand(3, 4), torch.rand(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck(device):
+    b1, b2 = random_boxes(5, 1).to(device).float(), random_boxes(3, 2).to(device).float()
+    torch.library.opcheck(torch.ops.unit_fast.pairwise_giou.default, (b1.requires_grad_(), b2))
+    g = torch.rand(5, 3, device=device)
+    torch.library.opcheck(torch.ops.unit_fast._pairwise_giou_backward.default, (g, b1.detach(), b2))
+
+
+def test_compile_fullgraph():
+    b1, b2 = random_boxes(5, 1).float().requires_grad_(), random_boxes(3, 2).float()
+    f = torch.compile(lambda x, y: pairwise_giou(x, y, backend="triton").sum(), fullgraph=True,
+                      backend="aot_eager")
+    out = f(b1, b2)
+    out.backward()
+    torch.testing.assert_close(out, pairwise_giou_ref(b1, b2).sum())
+    assert b1.grad is not None and torch.isfinite(b1.grad).all()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_touching_edges_gradient(device, backend):
+    # a's top edge touches b's bottom edge (y = 0.77734375, exact in binary): the overlap
+    # height is exactly 0, where autograd's clamp(min=0) passes no gradient.
+    a = torch.tensor([[-0.1181640625, 0.76171875, 0.38671875, 0.77734375]], dtype=torch.float64)
+    b = torch.tensor([[0.265625, 0.77734375, 0.33203125, 0.8125]], dtype=torch.float64)
+    x, y = a.clone().to(device).requires_grad_(), b.clone().to(device).requires_grad_()
+    rx, ry = a.clone().requires_grad_(), b.clone().requires_grad_()
+    got = torch.autograd.grad(pairwise_giou(x, y, backend=backend).sum(), (x, y))
+    want = torch.autograd.grad(pairwise_giou_ref(rx, ry).sum(), (rx, ry))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w)

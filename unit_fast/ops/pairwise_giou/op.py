@@ -1,0 +1,80 @@
+"""Registration of ``unit_fast::pairwise_giou`` (Triton) and per-call backend dispatch.
+
+``torch.library.custom_op`` with ``register_fake`` and ``register_autograd`` (house style
+section 4); the backward is its own op, ``unit_fast::_pairwise_giou_backward``.
+"""
+
+import torch
+
+from unit_fast import _backend
+from unit_fast.ops.pairwise_giou.reference import pairwise_giou_ref
+from unit_fast.ops.pairwise_giou.triton import pairwise_giou_bwd_triton, pairwise_giou_fwd_triton
+
+
+@torch.library.custom_op("unit_fast::pairwise_giou", mutates_args=())
+def _pairwise_giou_op(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    return pairwise_giou_fwd_triton(boxes1, boxes2)
+
+
+@_pairwise_giou_op.register_fake
+def _pairwise_giou_fake(boxes1, boxes2):
+    return boxes1.new_empty((boxes1.shape[0], boxes2.shape[0]))
+
+
+@torch.library.custom_op("unit_fast::_pairwise_giou_backward", mutates_args=())
+def _pairwise_giou_backward_op(grad: torch.Tensor, boxes1: torch.Tensor,
+                               boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return pairwise_giou_bwd_triton(grad, boxes1, boxes2)
+
+
+@_pairwise_giou_backward_op.register_fake
+def _pairwise_giou_backward_fake(grad, boxes1, boxes2):
+    return torch.empty_like(boxes1), torch.empty_like(boxes2)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("unit_fast::pairwise_giou: double backward is not implemented")
+
+
+def _backward(ctx, grad):
+    boxes1, boxes2 = ctx.saved_tensors
+    g1, g2 = _pairwise_giou_backward_op(grad, boxes1, boxes2)
+    return g1, g2
+
+
+_pairwise_giou_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(boxes1, boxes2):
+    for name, b in (("boxes1", boxes1), ("boxes2", boxes2)):
+        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"pairwise_giou: {name} must be an (N, 4) tensor, got "
+                             f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
+        if not b.dtype.is_floating_point:
+            raise TypeError(f"pairwise_giou: {name} must be floating, got {b.dtype}")
+    if boxes1.dtype != boxes2.dtype or boxes1.device != boxes2.device:
+        raise ValueError(f"pairwise_giou: boxes1 ({boxes1.dtype}, {boxes1.device}) and boxes2 "
+                         f"({boxes2.dtype}, {boxes2.device}) must share dtype and device")
+
+
+def pairwise_giou(boxes1, boxes2, backend=None):
+    """GIoU of every pair of xyxy boxes: ``(N, 4)``, ``(M, 4)`` -> ``(N, M)``, differentiable.
+
+    Triton on CUDA (one tile pass forward; backward recomputes per tile, no atomics), the
+    reference on CPU by default.  Nothing is validated and nothing syncs: inverted or
+    zero-area boxes give what DETR's formula gives (NaN for 0 / 0).
+    """
+    _check(boxes1, boxes2)
+    if _backend.select_backend("pairwise_giou", boxes1.device, backend) == "reference":
+        return pairwise_giou_ref(boxes1, boxes2)
+    return _pairwise_giou_op(boxes1, boxes2)
