@@ -189,3 +189,42 @@ def box_loss_pairs(shape, device="cpu", num_sets=NUM_INPUT_SETS, dtype=BOX_LOSS_
         src[:, 2:] = src[:, 2:].clamp(min=0.01)
         sets.append((src.to(device, dtype), tgt.to(device, dtype)))
     return sets
+
+# ---------------------------------------------------------------------------------------------
+# pairwise_giou: GIoU of every (N, M) pair of xyxy boxes (DETR's generalized_box_iou).
+
+
+@dataclass(frozen=True)
+class PairwiseGiouShape:
+    """``N`` boxes against ``M`` boxes."""
+
+    name: str
+    N: int
+    M: int
+    where: str
+
+    def as_dict(self):
+        return {"N": self.N, "M": self.M}
+
+
+PAIRWISE_GIOU_SHAPES = {
+    s.name: s
+    for s in (
+        PairwiseGiouShape("detr_image_q100_t20", 100, 20, "one image's block: 100 queries x 20 targets"),
+        PairwiseGiouShape("dino_image_q900_t100", 900, 100, "one image's block, 900 queries x 100 targets"),
+        PairwiseGiouShape("detr_crossimage_b64", 6400, 1280, "DETR's cross-image layout at B=64, T=20"),
+    )
+}
+
+
+def pairwise_boxes(shape, device="cpu", num_sets=NUM_INPUT_SETS, dtype=torch.float32):
+    """``num_sets`` ``(boxes1 (N, 4), boxes2 (M, 4))`` xyxy pairs: centres in [0.1, 0.9), sides
+    in [0.02, 0.5) (no zero-area boxes)."""
+    gen = torch.Generator().manual_seed(SEED)
+
+    def boxes(n):
+        c = torch.rand(n, 2, generator=gen) * 0.8 + 0.1
+        wh = torch.rand(n, 2, generator=gen) * 0.48 + 0.02
+        return torch.cat([c - wh / 2, c + wh / 2], 1).to(device, dtype)
+
+    return [(boxes(shape.N), boxes(shape.M)) for _ in range(num_sets)]

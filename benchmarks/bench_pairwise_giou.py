@@ -1,0 +1,76 @@
+"""``unit_fast::pairwise_giou`` (forward + backward) against DETR's generalized_box_iou and peers.
+
+Group ``pairwise_giou:<shape>`` (shapes.py ``PAIRWISE_GIOU_SHAPES``), float32 xyxy boxes; the
+timed call is the GIoU matrix and the gradient of its weighted sum with respect to both inputs:
+  detr_reference      ``pairwise_giou_ref`` (DETR's composition), eager
+  torchvision         ``torchvision.ops.generalized_box_iou``
+  torch_compile_ref   ``torch.compile(pairwise_giou_ref)`` (Inductor)
+  unit_fast_triton    ``pairwise_giou(..., backend="triton")`` (CUDA only: the interpreter is
+                      never benchmarked)
+Before timing, every provider's result is checked against the float64 reference.
+"""
+
+import functools
+
+import pytest
+import torch
+import torchvision
+
+from benchmarks.conftest import cuda_only, devices, measure
+from benchmarks.shapes import PAIRWISE_GIOU_SHAPES, pairwise_boxes
+from unit_fast.ops.pairwise_giou import pairwise_giou, pairwise_giou_ref
+
+# float32 gradients are sums over up to 6400 pairs of terms up to ~1/area (~100s): 1e-3.
+CHECK_TOL = {"rtol": 1e-3, "atol": 1e-3}
+
+CASES = [pytest.param(p, d, id=f"{p}-{d}") for p in ("detr_reference", "torchvision", "torch_compile_ref")
+         for d in devices()]
+CASES += [pytest.param("unit_fast_triton", "cuda", id="unit_fast_triton-cuda",
+                       marks=cuda_only("the Triton kernels are benchmarked on CUDA only (the CPU "
+                                       "interpreter's speed means nothing); no CUDA device here"))]
+
+
+@functools.cache
+def _compiled_reference():
+    return torch.compile(pairwise_giou_ref)
+
+
+def _giou_fn(provider):
+    return {
+        "detr_reference": pairwise_giou_ref,
+        "torchvision": torchvision.ops.generalized_box_iou,
+        "torch_compile_ref": _compiled_reference(),
+        "unit_fast_triton": functools.partial(pairwise_giou, backend="triton"),
+    }[provider]
+
+
+def _forward_backward(giou_fn):
+    def call(pair):
+        a, b = pair
+        out = giou_fn(a, b)  # [N, M]
+        weights = torch.linspace(0.5, 1.5, out.shape[1], device=out.device)  # [M]: not all-ones
+        grads = torch.autograd.grad((out * weights).sum(), (a, b))
+        return (out, *grads)
+
+    return call
+
+
+@pytest.mark.parametrize("shape", list(PAIRWISE_GIOU_SHAPES.values()), ids=list(PAIRWISE_GIOU_SHAPES))
+@pytest.mark.parametrize("provider,device", CASES)
+def test_pairwise_giou(benchmark, provider, device, shape):
+    benchmark.group = f"pairwise_giou:{shape.name}"
+    benchmark.extra_info.update(op="pairwise_giou", case=shape.name, provider=provider, device=device,
+                                shape=shape.as_dict(), dtype="float32",
+                                role="unit_fast" if provider.startswith("unit_fast") else "baseline")
+    if device == "cpu" and shape.N * shape.M > 1_000_000 and provider == "torch_compile_ref":
+        pytest.skip("Inductor compile + run of the 8M-pair case is minutes on a 2-core CPU")
+    inputs = [(a.requires_grad_(), b.requires_grad_()) for a, b in pairwise_boxes(shape, device, num_sets=2)]
+    ref = _forward_backward(pairwise_giou_ref)
+
+    def check(x, out):
+        a, b = x
+        want = ref((a.detach().double().cpu().requires_grad_(), b.detach().double().cpu().requires_grad_()))
+        for got, expected in zip(out, want):
+            torch.testing.assert_close(got.detach().double().cpu(), expected.detach(), **CHECK_TOL)
+
+    measure(benchmark, _forward_backward(_giou_fn(provider)), inputs, device, check)
