@@ -1,7 +1,11 @@
-"""``unit_fast::pairwise_giou`` (forward + backward) against DETR's generalized_box_iou and peers.
+"""``unit_fast::pairwise_giou`` (forward; forward + backward) against DETR's generalized_box_iou and peers.
 
-Group ``pairwise_giou:<shape>`` (shapes.py ``PAIRWISE_GIOU_SHAPES``), float32 xyxy boxes; the
-timed call is the GIoU matrix and the gradient of its weighted sum with respect to both inputs:
+Groups ``pairwise_giou:<shape>:<pass>`` (shapes.py ``PAIRWISE_GIOU_SHAPES``), float32 xyxy boxes,
+two passes, each its own group (and results case) so providers line up:
+  fwd      the GIoU matrix under ``torch.no_grad()`` (how DETR's matcher calls it);
+  fwd_bwd  the matrix and the gradient of its weighted sum with respect to both inputs (the
+           pairwise-GIoU loss path).
+Providers:
   detr_reference      ``pairwise_giou_ref`` (DETR's composition), eager
   torchvision         ``torchvision.ops.generalized_box_iou``
   torch_compile_ref   ``torch.compile(pairwise_giou_ref)`` (Inductor)
@@ -44,6 +48,14 @@ def _giou_fn(provider):
     }[provider]
 
 
+def _forward(giou_fn):
+    def call(pair):
+        with torch.no_grad():
+            return (giou_fn(*pair),)  # ([N, M],)
+
+    return call
+
+
 def _forward_backward(giou_fn):
     def call(pair):
         a, b = pair
@@ -55,22 +67,31 @@ def _forward_backward(giou_fn):
     return call
 
 
+PASSES = {"fwd": _forward, "fwd_bwd": _forward_backward}
+
+
+@pytest.mark.parametrize("pass_", list(PASSES))
 @pytest.mark.parametrize("shape", list(PAIRWISE_GIOU_SHAPES.values()), ids=list(PAIRWISE_GIOU_SHAPES))
 @pytest.mark.parametrize("provider,device", CASES)
-def test_pairwise_giou(benchmark, provider, device, shape):
-    benchmark.group = f"pairwise_giou:{shape.name}"
-    benchmark.extra_info.update(op="pairwise_giou", case=shape.name, provider=provider, device=device,
+def test_pairwise_giou(benchmark, provider, device, shape, pass_):
+    case = f"{shape.name}:{pass_}"
+    benchmark.group = f"pairwise_giou:{case}"
+    benchmark.extra_info.update(op="pairwise_giou", case=case, provider=provider, device=device,
                                 shape=shape.as_dict(), dtype="float32",
                                 role="unit_fast" if provider.startswith("unit_fast") else "baseline")
     if device == "cpu" and shape.N * shape.M > 1_000_000 and provider == "torch_compile_ref":
         pytest.skip("Inductor compile + run of the 8M-pair case is minutes on a 2-core CPU")
-    inputs = [(a.requires_grad_(), b.requires_grad_()) for a, b in pairwise_boxes(shape, device, num_sets=2)]
-    ref = _forward_backward(pairwise_giou_ref)
+    inputs = pairwise_boxes(shape, device, num_sets=2)
+    if pass_ == "fwd_bwd":
+        inputs = [(a.requires_grad_(), b.requires_grad_()) for a, b in inputs]
+    make = PASSES[pass_]
+    ref = make(pairwise_giou_ref)
 
     def check(x, out):
         a, b = x
-        want = ref((a.detach().double().cpu().requires_grad_(), b.detach().double().cpu().requires_grad_()))
-        for got, expected in zip(out, want):
+        h1 = a.detach().double().cpu().requires_grad_(pass_ == "fwd_bwd")
+        h2 = b.detach().double().cpu().requires_grad_(pass_ == "fwd_bwd")
+        for got, expected in zip(out, ref((h1, h2)), strict=True):
             torch.testing.assert_close(got.detach().double().cpu(), expected.detach(), **CHECK_TOL)
 
-    measure(benchmark, _forward_backward(_giou_fn(provider)), inputs, device, check)
+    measure(benchmark, make(_giou_fn(provider)), inputs, device, check)

@@ -4,10 +4,13 @@ import pytest
 import torch
 import torchvision.ops as tvo
 
-from unit_fast import box_ops
+from unit_fast import _backend, box_ops
 from unit_fast.testing import assert_close_ref, assert_within_ref_error, devices
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# On CPU the Triton kernels run through the interpreter (tests/conftest.py sets it).
+CASES = [(d, b) for d in devices() for b in (["reference", "triton"] if d == "cpu"
+                                              else _backend.backends_for("pairwise_giou", d))]
 
 
 def random_xyxy(n, device="cpu", dtype=torch.float64):
@@ -23,23 +26,37 @@ SPECIAL_B = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 2.0, 3.0, 3.0], [1.0, 1.0,
                           [1.0, 1.0, 3.0, 2.0], [1.0, 0.0, 2.0, 1.0]])
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,m", [(1, 1), (7, 13), (0, 5), (5, 0)])
-def test_pairwise_against_torchvision(device, dtype, n, m):
+def test_pairwise_against_torchvision(monkeypatch, device, backend, dtype, n, m):
+    monkeypatch.setenv("UNIT_FAST_BACKEND", backend)  # generalized_box_iou's backend
     b1, b2 = random_xyxy(n, device, dtype), random_xyxy(m, device, dtype)
     iou, union = box_ops.box_iou(b1, b2)
     assert union.shape == (n, m) and iou.dtype == dtype
-    giou = box_ops.generalized_box_iou(b1, b2)
+    x1, x2 = b1.clone().requires_grad_(), b2.clone().requires_grad_()
+    giou = box_ops.generalized_box_iou(x1, x2)
+    assert giou.shape == (n, m) and giou.dtype == dtype
+    # torchvision in fp64 on the same (rounded) inputs, and in this dtype for its own error.
+    h1, h2 = b1.double().cpu().requires_grad_(), b2.double().cpu().requires_grad_()
+    l1, l2 = b1.clone().requires_grad_(), b2.clone().requires_grad_()
+    want, low = tvo.generalized_box_iou(h1, h2), tvo.generalized_box_iou(l1, l2)
     if dtype in (torch.float32, torch.float64):
-        assert_close_ref(iou, tvo.box_iou(b1.double(), b2.double()), dtype)
-        assert_close_ref(giou, tvo.generalized_box_iou(b1.double(), b2.double()), dtype)
+        assert_close_ref(iou, tvo.box_iou(h1, h2), dtype)
+        assert_close_ref(giou, want, dtype)
     else:
         # Several rounded steps: the house rule for composed arithmetic -- at most twice the
         # error of torchvision's own computation in this dtype, against fp64.
-        assert_within_ref_error(iou, tvo.box_iou(b1, b2), tvo.box_iou(b1.double(), b2.double()), dtype)
-        assert_within_ref_error(giou, tvo.generalized_box_iou(b1, b2),
-                                tvo.generalized_box_iou(b1.double(), b2.double()), dtype)
+        assert_within_ref_error(iou.cpu(), tvo.box_iou(b1, b2).cpu(), tvo.box_iou(h1, h2), dtype)
+        assert_within_ref_error(giou.detach().cpu(), low.detach().cpu(), want.detach(), dtype)
+    if giou.numel() == 0:
+        return
+    w = torch.rand(n, m, dtype=torch.float64)
+    got_g = torch.autograd.grad((giou * w.to(device, dtype)).sum(), (x1, x2))
+    want_g = torch.autograd.grad((want * w).sum(), (h1, h2))
+    low_g = torch.autograd.grad((low * w.to(device, dtype)).sum(), (l1, l2))
+    for g, wg, lg in zip(got_g, want_g, low_g):  # sums over the other axis: the reduction rule
+        assert_within_ref_error(g.cpu(), lg.cpu(), wg, dtype, "gradient")
 
 
 def test_special_pairs():
@@ -61,6 +78,9 @@ def test_conversions_round_trip_and_match_torchvision():
 @pytest.mark.parametrize("bad,message", [
     (torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.5, 0.0, 0.2, 1.0]]), r"boxes1\[1\] = \[0.5, 0.0, 0.2.*x1 >= x0"),
     (torch.tensor([[0.0, 0.0, 1.0, float("nan")]]), r"boxes1\[0\].*finite"),
+    (torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 1.0, 0.25]]),
+     r"boxes1\[2\] = \[0.0, 0.5, 1.0, 0.25\].*y1 >= y0"),
+    (torch.tensor([[0.0, 0.0, float("inf"), 1.0]]), r"boxes1\[0\] = \[0.0, 0.0, inf, 1.0\].*finite"),
 ])
 def test_bad_boxes_raise_value_error(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -92,5 +112,24 @@ def test_generalized_box_iou_gradcheck():
     assert torch.autograd.gradcheck(box_ops.generalized_box_iou, (b1, b2))
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+def test_generalized_box_iou_backends_and_gradients(monkeypatch, device, backend):
+    # The drop-in takes no backend argument: force each through the environment override.
+    monkeypatch.setenv("UNIT_FAST_BACKEND", backend)
+    b1 = torch.cat([random_xyxy(6), SPECIAL_A]).to(device).requires_grad_()  # [11, 4]
+    b2 = torch.cat([random_xyxy(4), SPECIAL_B]).to(device).requires_grad_()  # [9, 4]
+    r1, r2 = b1.detach().cpu().requires_grad_(), b2.detach().cpu().requires_grad_()
+    w = torch.rand(11, 9, dtype=torch.float64)
+    out = box_ops.generalized_box_iou(b1, b2)
+    want = tvo.generalized_box_iou(r1, r2)
+    assert_close_ref(out, want)
+    got_g = torch.autograd.grad((out * w.to(device)).sum(), (b1, b2))
+    want_g = torch.autograd.grad((want * w).sum(), (r1, r2))
+    for g, wg in zip(got_g, want_g):
+        assert_close_ref(g, wg)
+
+
 def test_matching_cost_is_exported():
-    assert callable(box_ops.matching_cost)
+    from unit_fast.ops.matching_cost import matching_cost
+
+    assert box_ops.matching_cost is matching_cost

@@ -9,7 +9,9 @@ Differences from the reference, all deliberate:
   check reads the boxes on the host, a sync exactly where DETR's assert is one; the fused
   training-path ops (``matching_cost``, ``box_loss``) check nothing and never sync.
 - ``generalized_box_iou_loss`` (matched pairs, torchvision semantics) and ``matching_cost``
-  (the matcher's per-image cost) are additions.
+  (the matcher's per-image cost, ``unit_fast.ops.matching_cost``) are additions.
+- ``generalized_box_iou`` runs ``unit_fast.ops.pairwise_giou``: Triton on CUDA, the reference
+  composition on CPU (``UNIT_FAST_BACKEND`` overrides).
 """
 
 import torch
@@ -57,8 +59,8 @@ def box_iou(boxes1, boxes2):
 
 def _check_boxes(boxes, name):
     """ValueError naming the first non-finite or inverted xyxy box (a host sync, as DETR's assert)."""
-    if boxes.numel() == 0:
-        return
+    if boxes.numel() == 0 or boxes.dim() != 2 or boxes.shape[1] != 4:
+        return  # empty: nothing to check; a wrong shape: pairwise_giou raises the ValueError
     bad = ~torch.isfinite(boxes).all(-1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if bool(bad.any()):  # host sync
         i = int(bad.nonzero()[0, 0])
@@ -79,7 +81,10 @@ def generalized_box_iou(boxes1, boxes2):
         tile pass on CUDA).  Degenerate boxes give NaN as in DETR (0 / 0).
 
     Raises:
-        ValueError: naming the first inverted or non-finite box (DETR asserts instead).
+        ValueError: naming the first inverted (x1 < x0 or y1 < y0) or non-finite box, with its
+            index and values (DETR asserts instead).  The check is a host-device sync, exactly
+            where DETR's ``assert (boxes1[:, 2:] >= boxes1[:, :2]).all()`` is one; code that must
+            not sync calls ``unit_fast.ops.pairwise_giou.pairwise_giou``, which checks nothing.
     """
     _check_boxes(boxes1, "boxes1")
     _check_boxes(boxes2, "boxes2")
@@ -93,6 +98,12 @@ def generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=1e-7):
         boxes1, boxes2: ``(..., 4)`` xyxy, same shape (pair i is ``boxes1[i]``, ``boxes2[i]``).
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
         eps: added to the union and enclosing areas, as torchvision does.
+
+    Returns:
+        ``(...)`` loss per pair for ``"none"``, else a scalar; an empty input gives an empty
+        loss, or 0 for ``"mean"`` and ``"sum"`` (torchvision's ``0.0 * loss.sum()``, not NaN).
+        Plain torch composition (autograd works); like torchvision it checks no box and never
+        syncs.
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")

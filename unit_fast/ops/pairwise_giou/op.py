@@ -29,30 +29,34 @@ def _pairwise_giou_backward_op(grad: torch.Tensor, boxes1: torch.Tensor,
 
 @_pairwise_giou_backward_op.register_fake
 def _pairwise_giou_backward_fake(grad, boxes1, boxes2):
-    return torch.empty_like(boxes1), torch.empty_like(boxes2)
+    # The Triton launcher returns fresh contiguous tensors, whatever the inputs' strides.
+    return boxes1.new_empty(boxes1.shape), boxes2.new_empty(boxes2.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-class _NoDoubleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        raise RuntimeError("unit_fast::pairwise_giou: double backward is not implemented")
+    boxes1, boxes2 = inputs
+    ctx.save_for_backward(boxes1, boxes2)
 
 
 def _backward(ctx, grad):
     boxes1, boxes2 = ctx.saved_tensors
-    g1, g2 = _pairwise_giou_backward_op(grad, boxes1, boxes2)
-    return g1, g2
+    return _pairwise_giou_backward_op(grad, boxes1, boxes2)  # (grad_boxes1, grad_boxes2)
+
+
+def _double_backward(ctx, grad1, grad2):
+    raise RuntimeError(
+        "unit_fast::pairwise_giou: double backward (a gradient of the gradient) is not implemented; "
+        "use backend='reference' for higher-order derivatives"
+    )
+
+
+def _no_context(ctx, inputs, output):
+    pass
 
 
 _pairwise_giou_op.register_autograd(_backward, setup_context=_setup_context)
+# Like torchvision's ``_roi_align_backward``: the backward op's own backward raises.
+_pairwise_giou_backward_op.register_autograd(_double_backward, setup_context=_no_context)
 
 
 def _check(boxes1, boxes2):
@@ -70,9 +74,19 @@ def _check(boxes1, boxes2):
 def pairwise_giou(boxes1, boxes2, backend=None):
     """GIoU of every pair of xyxy boxes: ``(N, 4)``, ``(M, 4)`` -> ``(N, M)``, differentiable.
 
-    Triton on CUDA (one tile pass forward; backward recomputes per tile, no atomics), the
-    reference on CPU by default.  Nothing is validated and nothing syncs: inverted or
-    zero-area boxes give what DETR's formula gives (NaN for 0 / 0).
+    Args:
+        boxes1: ``(N, 4)`` xyxy (x0, y0, x1, y1), any float dtype, any strides.
+        boxes2: ``(M, 4)`` xyxy, same dtype and device.
+        backend: ``"triton"`` | ``"reference"`` | None (``_backend.select_backend``: Triton on
+            CUDA, the reference on CPU; Triton on CPU only through the interpreter).
+
+    Returns:
+        ``(N, M)`` GIoU in [-1, 1], in the inputs' dtype (Triton computes in float32, or
+        float64).  Differentiable once through the Triton op (one tile pass forward; backward
+        recomputes per tile, no atomics); double backward raises.
+
+    Nothing is validated and nothing syncs: inverted or zero-area boxes give what DETR's formula
+    gives (NaN for 0 / 0).  ``unit_fast.box_ops.generalized_box_iou`` is the checking drop-in.
     """
     _check(boxes1, boxes2)
     if _backend.select_backend("pairwise_giou", boxes1.device, backend) == "reference":

@@ -7,12 +7,18 @@ Math (per pair; ``a`` a row box, ``b`` a column box)::
     hull  = relu(max(ax1, bx1) - min(ax0, bx0)) * relu(max(ay1, by1) - min(ay0, by0))
     giou  = inter / union - (hull - union) / hull
 
-GIoU is symmetric in ``a`` and ``b``, so one backward kernel serves both inputs: it gives the
-gradient of ``sum_m g[n, m] * giou(a_n, b_m)`` with respect to each ``a_n``; the gradient for
-``b`` is the same kernel with the roles swapped and ``g`` read transposed (strides, no copy).
+Decomposition: both kernels tile the ``(N, M)`` pair matrix in ``(BLOCK_N, BLOCK_M)`` tiles, one
+program per tile, boxes loaded once per tile as four coordinate vectors.  The forward writes its
+tile.  The backward recomputes its tile (nothing is saved but the boxes), multiplies by the
+incoming ``g``, and reduces the tile both ways: over columns into a per-tile partial of
+``grad_boxes1`` and over rows into a per-tile partial of ``grad_boxes2``; a ``sum(0)`` over the
+tiles of the other axis finishes each gradient.  No atomics, so results are deterministic.
+
 Subgradients follow autograd on the reference: ``clamp(min=0)`` passes no gradient at exactly 0
-(touching boxes), and ``min``/``max`` ties give each side half.  Math runs in float32 (float64
-for float64 inputs).
+(touching boxes), and ``min``/``max`` ties give each side half.  Math runs in float32 for
+float16, bfloat16 and float32 inputs (float64 for float64): the area products and 0.x / 0.x
+ratios lose most of a half-precision mantissa otherwise; outputs are cast back to the inputs'
+dtype.  Zero-area pairs give NaN (0 / 0), as the reference does.
 """
 
 import torch
@@ -55,7 +61,8 @@ def _pairwise_giou_fwd_kernel(
     hh = tl.maximum(tl.maximum(ay1[:, None], by1[None, :]) - tl.minimum(ay0[:, None], by0[None, :]), 0.0)
     hull = hw * hh
     giou = inter / union - (hull - union) / hull
-    out = Out_ptr + rows[:, None] * stride_o_row + cols[None, :] * stride_o_col
+    # int64 offsets: N * M may pass 2**31 even where N, M and the strides fit in int32.
+    out = Out_ptr + rows[:, None].to(tl.int64) * stride_o_row + cols[None, :].to(tl.int64) * stride_o_col
     tl.store(out, giou.to(Out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
@@ -67,80 +74,79 @@ def _less_weight(x, y):
 
 @triton.jit
 def _pairwise_giou_bwd_kernel(
-    A_ptr, B_ptr, G_ptr, dA_ptr, N, M,
+    A_ptr, B_ptr, G_ptr, dA_part_ptr, dB_part_ptr, N, M,
     stride_a_row, stride_a_coord, stride_b_row, stride_b_coord, stride_g_row, stride_g_col,
-    stride_da_row, stride_da_coord,
     F64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """``dA[n] = sum_m g[n, m] * d giou(a_n, b_m) / d a_n`` for BLOCK_N rows of ``a``.
+    """Partial gradients of ``sum g * giou`` from one ``(BLOCK_N, BLOCK_M)`` tile.
 
-    Grid ``(cdiv(N, BLOCK_N),)``; each program walks all of ``b`` in BLOCK_M chunks and keeps
-    its four gradient sums in registers: no atomics, deterministic.
+    Grid ``(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))``, the forward's.  Program ``(i, j)`` recomputes
+    its tile, sums ``g * d giou / d a`` over the tile's columns and ``g * d giou / d b`` over its
+    rows, and writes the sums to its own slots: ``dA_part[j, n, :]`` (``(cdiv(M, BLOCK_M), N, 4)``)
+    and ``dB_part[i, m, :]`` (``(cdiv(N, BLOCK_N), M, 4)``), both contiguous in the math dtype.
+    The launcher sums the partials over their first axis.  No atomics, so the result is
+    deterministic, and both gradients come from one launch that is as parallel as the forward
+    (a kernel that walked one whole axis per program would leave most SMs idle for the short
+    side, e.g. 40 programs for M = 1280).
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    ax0, ay0, ax1, ay1 = _load_boxes(A_ptr, rows, rmask, stride_a_row, stride_a_coord, F64)
+    pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask, cmask = rows < N, cols < M
+    mask = rmask[:, None] & cmask[None, :]
     dt = tl.float64 if F64 else tl.float32
-    g0 = tl.zeros([BLOCK_N], dt)
-    g1 = tl.zeros([BLOCK_N], dt)
-    g2 = tl.zeros([BLOCK_N], dt)
-    g3 = tl.zeros([BLOCK_N], dt)
-    area_a = (ax1 - ax0) * (ay1 - ay0)
-    for m0 in range(0, M, BLOCK_M):
-        cols = m0 + tl.arange(0, BLOCK_M)
-        cmask = cols < M
-        mask = rmask[:, None] & cmask[None, :]
-        bx0, by0, bx1, by1 = _load_boxes(B_ptr, cols, cmask, stride_b_row, stride_b_coord, F64)
-        g = tl.load(G_ptr + rows[:, None] * stride_g_row + cols[None, :] * stride_g_col, mask=mask,
-                    other=0.0).to(dt)
-        A0, A1, A2, A3 = ax0[:, None], ay0[:, None], ax1[:, None], ay1[:, None]
-        B0, B1, B2, B3 = bx0[None, :], by0[None, :], bx1[None, :], by1[None, :]
-        iw_pre = tl.minimum(A2, B2) - tl.maximum(A0, B0)
-        ih_pre = tl.minimum(A3, B3) - tl.maximum(A1, B1)
-        iw = tl.maximum(iw_pre, 0.0)
-        ih = tl.maximum(ih_pre, 0.0)
-        inter = iw * ih
-        area_b = (B2 - B0) * (B3 - B1)
-        union = area_a[:, None] + area_b - inter
-        hw_pre = tl.maximum(A2, B2) - tl.minimum(A0, B0)
-        hh_pre = tl.maximum(A3, B3) - tl.minimum(A1, B1)
-        hw = tl.maximum(hw_pre, 0.0)
-        hh = tl.maximum(hh_pre, 0.0)
-        hull = hw * hh
-        # giou = inter / union - 1 + union / hull with union = area_a + area_b - inter:
-        # total derivatives with respect to inter, area_a and hull.
-        inv_u2 = 1.0 / (union * union)
-        dG_inter = 1.0 / union + inter * inv_u2 - 1.0 / hull
-        dG_area = 1.0 / hull - inter * inv_u2
-        dG_hull = -union / (hull * hull)
-        ciw = tl.where(iw_pre > 0, 1.0, 0.0)
-        cih = tl.where(ih_pre > 0, 1.0, 0.0)
-        chw = tl.where(hw_pre > 0, 1.0, 0.0)
-        chh = tl.where(hh_pre > 0, 1.0, 0.0)
-        # d iw / d (A0, A2), d hw / d (A0, A2), and the same in y.
-        diw_a0 = -ciw * _less_weight(B0, A0)  # -d max(A0, B0)/dA0
-        diw_a2 = ciw * _less_weight(A2, B2)
-        dhw_a0 = -chw * _less_weight(A0, B0)
-        dhw_a2 = chw * _less_weight(B2, A2)
-        dih_a1 = -cih * _less_weight(B1, A1)
-        dih_a3 = cih * _less_weight(A3, B3)
-        dhh_a1 = -chh * _less_weight(A1, B1)
-        dhh_a3 = chh * _less_weight(B3, A3)
-        wa, ha = A2 - A0, A3 - A1
-        d0 = dG_inter * ih * diw_a0 + dG_area * (-ha) + dG_hull * hh * dhw_a0
-        d2 = dG_inter * ih * diw_a2 + dG_area * ha + dG_hull * hh * dhw_a2
-        d1 = dG_inter * iw * dih_a1 + dG_area * (-wa) + dG_hull * hw * dhh_a1
-        d3 = dG_inter * iw * dih_a3 + dG_area * wa + dG_hull * hw * dhh_a3
-        g0 += tl.sum(tl.where(mask, g * d0, 0.0), axis=1)
-        g1 += tl.sum(tl.where(mask, g * d1, 0.0), axis=1)
-        g2 += tl.sum(tl.where(mask, g * d2, 0.0), axis=1)
-        g3 += tl.sum(tl.where(mask, g * d3, 0.0), axis=1)
-    out = dA_ptr + rows * stride_da_row
-    ty = dA_ptr.dtype.element_ty
-    tl.store(out, g0.to(ty), mask=rmask)
-    tl.store(out + stride_da_coord, g1.to(ty), mask=rmask)
-    tl.store(out + 2 * stride_da_coord, g2.to(ty), mask=rmask)
-    tl.store(out + 3 * stride_da_coord, g3.to(ty), mask=rmask)
+    ax0, ay0, ax1, ay1 = _load_boxes(A_ptr, rows, rmask, stride_a_row, stride_a_coord, F64)
+    bx0, by0, bx1, by1 = _load_boxes(B_ptr, cols, cmask, stride_b_row, stride_b_coord, F64)
+    # Masked pairs read g = 0, so they add nothing (their unit boxes keep every division finite).
+    g = tl.load(G_ptr + rows[:, None].to(tl.int64) * stride_g_row + cols[None, :].to(tl.int64) * stride_g_col,
+                mask=mask, other=0.0).to(dt)
+    A0, A1, A2, A3 = ax0[:, None], ay0[:, None], ax1[:, None], ay1[:, None]
+    B0, B1, B2, B3 = bx0[None, :], by0[None, :], bx1[None, :], by1[None, :]
+    iw_pre = tl.minimum(A2, B2) - tl.maximum(A0, B0)
+    ih_pre = tl.minimum(A3, B3) - tl.maximum(A1, B1)
+    iw = tl.maximum(iw_pre, 0.0)
+    ih = tl.maximum(ih_pre, 0.0)
+    inter = iw * ih
+    union = (A2 - A0) * (A3 - A1) + (B2 - B0) * (B3 - B1) - inter
+    hw_pre = tl.maximum(A2, B2) - tl.minimum(A0, B0)
+    hh_pre = tl.maximum(A3, B3) - tl.minimum(A1, B1)
+    hw = tl.maximum(hw_pre, 0.0)
+    hh = tl.maximum(hh_pre, 0.0)
+    hull = hw * hh
+    # giou = inter / union - 1 + union / hull with union = area_a + area_b - inter: total
+    # derivatives with respect to inter, either box's area (the same for both) and hull,
+    # each already multiplied by the incoming gradient g.
+    inv_u2 = 1.0 / (union * union)
+    dG_inter = g * (1.0 / union + inter * inv_u2 - 1.0 / hull)
+    dG_area = g * (1.0 / hull - inter * inv_u2)
+    dG_hull = g * (-union / (hull * hull))
+    # clamp(min=0) passes gradient only where its input is > 0 (autograd on the reference).
+    ciw = dG_inter * ih * tl.where(iw_pre > 0, 1.0, 0.0)  # d loss / d iw
+    cih = dG_inter * iw * tl.where(ih_pre > 0, 1.0, 0.0)  # d loss / d ih
+    chw = dG_hull * hh * tl.where(hw_pre > 0, 1.0, 0.0)  # d loss / d hw
+    chh = dG_hull * hw * tl.where(hh_pre > 0, 1.0, 0.0)  # d loss / d hh
+    # iw = min(A2, B2) - max(A0, B0), hw = max(A2, B2) - min(A0, B0): each coordinate gets the
+    # share of the min / max it wins (half on a tie), with the sign of its term.
+    da0 = -ciw * _less_weight(B0, A0) - chw * _less_weight(A0, B0) - dG_area * (A3 - A1)
+    da2 = ciw * _less_weight(A2, B2) + chw * _less_weight(B2, A2) + dG_area * (A3 - A1)
+    da1 = -cih * _less_weight(B1, A1) - chh * _less_weight(A1, B1) - dG_area * (A2 - A0)
+    da3 = cih * _less_weight(A3, B3) + chh * _less_weight(B3, A3) + dG_area * (A2 - A0)
+    db0 = -ciw * _less_weight(A0, B0) - chw * _less_weight(B0, A0) - dG_area * (B3 - B1)
+    db2 = ciw * _less_weight(B2, A2) + chw * _less_weight(A2, B2) + dG_area * (B3 - B1)
+    db1 = -cih * _less_weight(A1, B1) - chh * _less_weight(B1, A1) - dG_area * (B2 - B0)
+    db3 = cih * _less_weight(B3, A3) + chh * _less_weight(A3, B3) + dG_area * (B2 - B0)
+    # tl.where, not just g = 0: a masked lane's 0 * (anything finite) is 0, but keep it explicit
+    # so padding can never leak into a sum.
+    pa = dA_part_ptr + (pid_m.to(tl.int64) * N + rows) * 4
+    tl.store(pa, tl.sum(tl.where(mask, da0, 0.0), axis=1), mask=rmask)
+    tl.store(pa + 1, tl.sum(tl.where(mask, da1, 0.0), axis=1), mask=rmask)
+    tl.store(pa + 2, tl.sum(tl.where(mask, da2, 0.0), axis=1), mask=rmask)
+    tl.store(pa + 3, tl.sum(tl.where(mask, da3, 0.0), axis=1), mask=rmask)
+    pb = dB_part_ptr + (pid_n.to(tl.int64) * M + cols) * 4
+    tl.store(pb, tl.sum(tl.where(mask, db0, 0.0), axis=0), mask=cmask)
+    tl.store(pb + 1, tl.sum(tl.where(mask, db1, 0.0), axis=0), mask=cmask)
+    tl.store(pb + 2, tl.sum(tl.where(mask, db2, 0.0), axis=0), mask=cmask)
+    tl.store(pb + 3, tl.sum(tl.where(mask, db3, 0.0), axis=0), mask=cmask)
 
 
 def _check_device(t):
@@ -165,23 +171,25 @@ def pairwise_giou_fwd_triton(boxes1, boxes2):
     return out
 
 
-def _grad_rows(a, b, g_strides, grad):
-    da = torch.empty_like(a, memory_format=torch.contiguous_format)
-    if a.shape[0] == 0:
-        return da
-    if b.shape[0] == 0:
-        return da.zero_()
-    BLOCK_N, BLOCK_M = 32, 32
-    _pairwise_giou_bwd_kernel[(triton.cdiv(a.shape[0], BLOCK_N),)](
-        a, b, grad, da, a.shape[0], b.shape[0], *a.stride(), *b.stride(), *g_strides, *da.stride(),
-        F64=a.dtype == torch.float64, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
-    )
-    return da
-
-
 def pairwise_giou_bwd_triton(grad, boxes1, boxes2):
-    """``grad (N, M)`` -> ``(grad_boxes1 (N, 4), grad_boxes2 (M, 4))``."""
+    """``grad (N, M)`` -> ``(grad_boxes1 (N, 4), grad_boxes2 (M, 4))``, contiguous, inputs' dtype.
+
+    One launch of ``_pairwise_giou_bwd_kernel`` over the forward's tiles writes per-tile partial
+    sums, ``(cdiv(M, BLOCK_M), N, 4)`` and ``(cdiv(N, BLOCK_N), M, 4)`` in float32 (float64 for
+    float64 inputs): about ``N * M / 4`` floats in all at 32 x 32 tiles, a quarter of ``grad``.
+    A ``sum(0)`` over them, in that precision, is the follow-up reduction.
+    """
     _check_device(boxes1)
-    g_stride = grad.stride()
-    return (_grad_rows(boxes1, boxes2, g_stride, grad),
-            _grad_rows(boxes2, boxes1, (g_stride[1], g_stride[0]), grad))
+    N, M = boxes1.shape[0], boxes2.shape[0]
+    acc = torch.float64 if boxes1.dtype == torch.float64 else torch.float32
+    if N == 0 or M == 0:  # nothing to launch: the gradients are empty or zero
+        return boxes1.new_zeros((N, 4)), boxes2.new_zeros((M, 4))
+    BLOCK_N, BLOCK_M = 32, 32
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
+    part1 = torch.empty((grid[1], N, 4), device=boxes1.device, dtype=acc)  # [M / BLOCK_M, N, 4]
+    part2 = torch.empty((grid[0], M, 4), device=boxes1.device, dtype=acc)  # [N / BLOCK_N, M, 4]
+    _pairwise_giou_bwd_kernel[grid](
+        boxes1, boxes2, grad, part1, part2, N, M, *boxes1.stride(), *boxes2.stride(), *grad.stride(),
+        F64=acc == torch.float64, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M,
+    )
+    return part1.sum(0).to(boxes1.dtype), part2.sum(0).to(boxes2.dtype)  # [N, 4], [M, 4]
