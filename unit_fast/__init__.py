@@ -9,6 +9,7 @@ from unit_fast.ops import (
     box_loss,
     linear_sum_assignment,
     matching_cost,
+    pairwise_giou,
 )
 from unit_fast.ops.hungarian_match import INFEASIBLE, INVALID, UNASSIGNED
 
@@ -24,4 +25,5 @@ __all__ = [
     "box_loss",
     "linear_sum_assignment",
     "matching_cost",
+    "pairwise_giou",
 ]

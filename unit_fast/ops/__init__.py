@@ -8,6 +8,7 @@ from unit_fast.ops.hungarian_match import (
     linear_sum_assignment,
 )
 from unit_fast.ops.matching_cost import matching_cost
+from unit_fast.ops.pairwise_giou import pairwise_giou
 
 __all__ = [
     "BoxLoss",
@@ -17,4 +18,5 @@ __all__ = [
     "hungarian_match",
     "linear_sum_assignment",
     "matching_cost",
+    "pairwise_giou",
 ]
