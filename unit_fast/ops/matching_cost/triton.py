@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from unit_fast import _backend
+from unit_fast.ops.pairwise_giou.triton import giou_tile
 
 
 @triton.jit
@@ -109,16 +110,7 @@ def _matching_cost_fwd_kernel(
     py0, py1 = pcy - 0.5 * ph, pcy + 0.5 * ph
     tx0, tx1 = tcx - 0.5 * tw, tcx + 0.5 * tw
     ty0, ty1 = tcy - 0.5 * th, tcy + 0.5 * th
-    area_p = (px1 - px0) * (py1 - py0)  # [BLOCK_Q]
-    area_t = (tx1 - tx0) * (ty1 - ty0)  # [BLOCK_T]
-    iw = tl.maximum(tl.minimum(px1[:, None], tx1[None, :]) - tl.maximum(px0[:, None], tx0[None, :]), 0.0)
-    ih = tl.maximum(tl.minimum(py1[:, None], ty1[None, :]) - tl.maximum(py0[:, None], ty0[None, :]), 0.0)
-    inter = iw * ih
-    union = area_p[:, None] + area_t[None, :] - inter
-    hw = tl.maximum(tl.maximum(px1[:, None], tx1[None, :]) - tl.minimum(px0[:, None], tx0[None, :]), 0.0)
-    hh = tl.maximum(tl.maximum(py1[:, None], ty1[None, :]) - tl.minimum(py0[:, None], ty0[None, :]), 0.0)
-    hull = hw * hh
-    giou = inter / union - (hull - union) / hull
+    giou = giou_tile(px0, py0, px1, py1, tx0, ty0, tx1, ty1)  # [BLOCK_Q, BLOCK_T]
 
     cost = cost_bbox * c_bbox + cost_class * c_class + cost_giou * (-giou)
     cost = tl.where(col_real[None, :], cost, float("inf"))

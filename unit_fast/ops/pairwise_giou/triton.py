@@ -40,6 +40,23 @@ def _load_boxes(ptr, idx, mask, stride_row, stride_coord, F64: tl.constexpr):
 
 
 @triton.jit
+def giou_tile(ax0, ay0, ax1, ay1, bx0, by0, bx1, by1):
+    """GIoU of every pair of a ``[BLOCK_A]`` set of xyxy boxes (rows) and a ``[BLOCK_B]`` set
+    (columns) -> ``[BLOCK_A, BLOCK_B]``, DETR's formula (0 / 0 = NaN for zero-area pairs).
+    Shared by this op's forward and the fused matching cost."""
+    area_a = (ax1 - ax0) * (ay1 - ay0)
+    area_b = (bx1 - bx0) * (by1 - by0)
+    iw = tl.maximum(tl.minimum(ax1[:, None], bx1[None, :]) - tl.maximum(ax0[:, None], bx0[None, :]), 0.0)
+    ih = tl.maximum(tl.minimum(ay1[:, None], by1[None, :]) - tl.maximum(ay0[:, None], by0[None, :]), 0.0)
+    inter = iw * ih
+    union = area_a[:, None] + area_b[None, :] - inter
+    hw = tl.maximum(tl.maximum(ax1[:, None], bx1[None, :]) - tl.minimum(ax0[:, None], bx0[None, :]), 0.0)
+    hh = tl.maximum(tl.maximum(ay1[:, None], by1[None, :]) - tl.minimum(ay0[:, None], by0[None, :]), 0.0)
+    hull = hw * hh
+    return inter / union - (hull - union) / hull
+
+
+@triton.jit
 def _pairwise_giou_fwd_kernel(
     A_ptr, B_ptr, Out_ptr, N, M,
     stride_a_row, stride_a_coord, stride_b_row, stride_b_coord, stride_o_row, stride_o_col,
@@ -51,16 +68,7 @@ def _pairwise_giou_fwd_kernel(
     rmask, cmask = rows < N, cols < M
     ax0, ay0, ax1, ay1 = _load_boxes(A_ptr, rows, rmask, stride_a_row, stride_a_coord, F64)
     bx0, by0, bx1, by1 = _load_boxes(B_ptr, cols, cmask, stride_b_row, stride_b_coord, F64)
-    area_a = (ax1 - ax0) * (ay1 - ay0)
-    area_b = (bx1 - bx0) * (by1 - by0)
-    iw = tl.maximum(tl.minimum(ax1[:, None], bx1[None, :]) - tl.maximum(ax0[:, None], bx0[None, :]), 0.0)
-    ih = tl.maximum(tl.minimum(ay1[:, None], by1[None, :]) - tl.maximum(ay0[:, None], by0[None, :]), 0.0)
-    inter = iw * ih
-    union = area_a[:, None] + area_b[None, :] - inter
-    hw = tl.maximum(tl.maximum(ax1[:, None], bx1[None, :]) - tl.minimum(ax0[:, None], bx0[None, :]), 0.0)
-    hh = tl.maximum(tl.maximum(ay1[:, None], by1[None, :]) - tl.minimum(ay0[:, None], by0[None, :]), 0.0)
-    hull = hw * hh
-    giou = inter / union - (hull - union) / hull
+    giou = giou_tile(ax0, ay0, ax1, ay1, bx0, by0, bx1, by1)
     # int64 offsets: N * M may pass 2**31 even where N, M and the strides fit in int32.
     out = Out_ptr + rows[:, None].to(tl.int64) * stride_o_row + cols[None, :].to(tl.int64) * stride_o_col
     tl.store(out, giou.to(Out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
