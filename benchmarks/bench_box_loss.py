@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from benchmarks.conftest import cuda_only, devices, measure
+from benchmarks.conftest import baseline_and_triton_cases, measure
 from benchmarks.shapes import BOX_LOSS_DTYPE, BOX_LOSS_SHAPES, box_loss_pairs
 from unit_fast.ops.box_loss import box_loss, box_loss_ref
 from unit_fast.ops.box_loss.reference import box_cxcywh_to_xyxy
@@ -29,11 +29,7 @@ WEIGHTS = (5.0, 2.0)  # DETR bbox_loss_coef, giou_loss_coef
 # float32 sums over up to 1M pairs, and torchvision's eps = 1e-7 in its denominators.
 CHECK_TOL = {"rtol": 1e-4, "atol": 1e-5}
 
-CASES = [pytest.param(p, d, id=f"{p}-{d}") for p in ("detr_reference", "torchvision", "torch_compile_ref")
-         for d in devices()]
-CASES += [pytest.param("unit_fast_triton", "cuda", id="unit_fast_triton-cuda",
-                       marks=cuda_only("the Triton kernels are benchmarked on CUDA only (the CPU "
-                                       "interpreter's speed means nothing); no CUDA device here"))]
+CASES = baseline_and_triton_cases(("detr_reference", "torchvision", "torch_compile_ref"))
 
 
 def _torchvision_losses(src, tgt, num_boxes):

@@ -20,18 +20,14 @@ import pytest
 import torch
 import torchvision
 
-from benchmarks.conftest import cuda_only, devices, measure
+from benchmarks.conftest import baseline_and_triton_cases, measure
 from benchmarks.shapes import PAIRWISE_GIOU_SHAPES, pairwise_boxes
 from unit_fast.ops.pairwise_giou import pairwise_giou, pairwise_giou_ref
 
 # float32 gradients are sums over up to 6400 pairs of terms up to ~1/area (~100s): 1e-3.
 CHECK_TOL = {"rtol": 1e-3, "atol": 1e-3}
 
-CASES = [pytest.param(p, d, id=f"{p}-{d}") for p in ("detr_reference", "torchvision", "torch_compile_ref")
-         for d in devices()]
-CASES += [pytest.param("unit_fast_triton", "cuda", id="unit_fast_triton-cuda",
-                       marks=cuda_only("the Triton kernels are benchmarked on CUDA only (the CPU "
-                                       "interpreter's speed means nothing); no CUDA device here"))]
+CASES = baseline_and_triton_cases(("detr_reference", "torchvision", "torch_compile_ref"))
 
 
 @functools.cache

@@ -49,6 +49,16 @@ def cuda_only(reason="needs a CUDA device"):
     return [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason=reason)]
 
 
+def baseline_and_triton_cases(baselines):
+    """``(provider, device)`` params: each baseline on every device, plus ``unit_fast_triton`` on
+    CUDA only (the Triton interpreter's speed on CPU means nothing, so it is never timed)."""
+    cases = [pytest.param(p, d, id=f"{p}-{d}") for p in baselines for d in devices()]
+    cases.append(pytest.param("unit_fast_triton", "cuda", id="unit_fast_triton-cuda",
+                              marks=cuda_only("the Triton kernels are benchmarked on CUDA only (the CPU "
+                                              "interpreter's speed means nothing); no CUDA device here")))
+    return cases
+
+
 def peak_mem_mb(fn, device):
     """CUDA memory one call of ``fn`` allocates at its peak, above what was allocated before, in
     MiB; None on CPU (no allocator statistics there)."""
