@@ -25,6 +25,7 @@ OP_BACKENDS = {
     "pairwise_giou": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
     "box_loss": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
     "matching_cost": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
+    "attention": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
 }
 
 
@@ -84,9 +85,14 @@ def missing_backends(op: str, device) -> dict:
     return out
 
 
+def forced_backend():
+    """The backend ``UNIT_FAST_BACKEND`` forces, or None."""
+    return os.environ.get("UNIT_FAST_BACKEND") or None
+
+
 def select_backend(op: str, device, backend=None) -> str:
     """The backend to run now: ``backend`` if given, else ``UNIT_FAST_BACKEND``, else the default."""
-    forced = backend if backend is not None else os.environ.get("UNIT_FAST_BACKEND") or None
+    forced = backend if backend is not None else forced_backend()
     available = backends_for(op, device)
     if forced is None:
         return available[0]

@@ -1,0 +1,433 @@
+"""Triton flash attention with key-padding masks, an additive bias and dropout.
+
+Forward (``_attention_fwd_kernel``), FlashAttention-2 style (Dao 2023): one program per
+``(BLOCK_M queries, batch * head)``; it streams the keys in blocks of ``BLOCK_N`` and keeps a
+running max ``m``, a running sum ``l`` and the un-normalised output ``acc`` in fp32
+(online softmax), so no ``L x S`` buffer exists.  It writes the output and the log-sum-exp
+``lse = m + log(l)`` (fp32, natural log), which is all the backward needs.
+
+Backward: ``delta = rowsum(dO * O)`` (torch), then two kernels, both recomputing the
+probabilities from ``lse``:
+  ``_attention_bwd_dkdv_kernel``: one program per ``(BLOCK_N keys, batch * head)``, looping over
+      the queries, accumulates ``dV = P_drop^T dO`` and ``dK = dS^T Q * scale``;
+  ``_attention_bwd_dq_kernel``: one program per ``(BLOCK_M queries, batch * head)``, looping over
+      the keys, accumulates ``dQ = dS K * scale``.
+Two kernels instead of one with atomic ``dQ`` adds: deterministic, and no fp32 ``dQ`` buffer.
+
+Masks.  The key-padding mask (``(B, S)``, nonzero = padding) is read per key block: a block
+whose keys are all padding is skipped (no loads of K/V, no matmul), and the key loop stops at
+the last non-padding key of the sequence (``kv_end``, computed on the device).  The bias is any
+float tensor broadcast to ``(B, H, L, S)`` by strides (0 where broadcast), so a 2-D ``(L, S)``
+mask costs ``L x S``, never ``B x H x L x S``.
+
+Dropout.  Keep decisions come from Philox (``tl.randint4x`` counter = ``(key, query, b*H+h, 0)``,
+key = ``seed``), so the backward regenerates the forward's mask exactly, with no mask stored;
+``keep = u >= p`` for ``u`` uniform in [0, 1), the keep probability of ``torch.nn.functional.
+dropout``.  ``attention_dropout_mask_triton`` writes the same mask out, for tests.
+
+Precision: scores, softmax statistics and accumulators are fp32; the two matmul operands are
+in the input dtype (``P`` is cast to V's dtype for ``P V``), fp32 inputs use IEEE fp32 dots
+(TF32 would miss fp32's error budget).  Scores are scaled by ``scale * log2(e)`` and
+exponentiated with ``exp2``.  A row whose keys are all masked keeps ``l = 0``: it gets output 0
+and ``lse = -inf``, and the backward gives it zero gradients.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _keep_mask(seed, offs_m, offs_n, bh, dropout_p):
+    """``(BLOCK_M, BLOCK_N)`` bool: True where the weight ``(query m, key n)`` of head ``bh``
+    survives dropout.  Counter-based, so any program can regenerate any tile."""
+    c0 = (offs_n[None, :] + 0 * offs_m[:, None]).to(tl.uint32)
+    c1 = (offs_m[:, None] + 0 * offs_n[None, :]).to(tl.uint32)
+    c2 = c0 * 0 + bh.to(tl.uint32)
+    r0, _, _, _ = tl.random.philox(seed, c0, c1, c2, c0 * 0)
+    return tl.random.uint_to_uniform_float(r0) >= dropout_p
+
+
+DOT_NATIVE, DOT_IEEE, DOT_UPCAST = 0, 1, 2
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr):
+    """``a @ b`` with fp32 accumulation.  ``DOT_IEEE`` for fp32 inputs (TF32 would miss fp32's
+    error budget); ``DOT_UPCAST`` under the interpreter for bf16 inputs, whose bf16 ``tl.dot``
+    returns garbage there (triton 3.8) -- exact, since a bf16 x bf16 product fits in fp32."""
+    if DOT == 1:
+        r = tl.dot(a, b, input_precision="ieee")
+    elif DOT == 2:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L, qk_scale,
+            HAS_BIAS: tl.constexpr, DOT: tl.constexpr):
+    """``(BLOCK_M, BLOCK_N)`` fp32 scores in log2 units: ``(q k^T * scale + bias) * log2(e)``,
+    ``-inf`` at masked keys."""
+    s = _dot(q, tl.trans(k), DOT)
+    s = s * qk_scale
+    if HAS_BIAS:
+        b_mask = (offs_m[:, None] < L) & valid_n[None, :]
+        bias = tl.load(bias_base + offs_m[:, None] * stride_bias_l + offs_n[None, :] * stride_bias_s,
+                       mask=b_mask, other=0.0)
+        s = s + bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(valid_n[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _valid_keys(KPM_ptr, stride_kpm_b, b, offs_n, S, HAS_KPM: tl.constexpr):
+    """``(BLOCK_N,)`` bool: key in range and not padding."""
+    valid = offs_n < S
+    if HAS_KPM:
+        pad = tl.load(KPM_ptr + b * stride_kpm_b + offs_n, mask=valid, other=1)
+        valid = valid & (pad == 0)
+    return valid
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q_ptr, K_ptr, V_ptr, Bias_ptr, KPM_ptr, KVEnd_ptr, Out_ptr, LSE_ptr,
+    stride_q_b, stride_q_h, stride_q_l, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_s, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_s, stride_v_d,
+    stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_s,
+    stride_kpm_b,
+    stride_o_b, stride_o_h, stride_o_l, stride_o_d,
+    H, L, S, D, DV, qk_scale, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_in = offs_m < L
+
+    q = tl.load(Q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l
+                + offs_d[None, :] * stride_q_d, mask=m_in[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K_ptr + b * stride_k_b + h * stride_k_h
+    v_base = V_ptr + b * stride_v_b + h * stride_v_h
+    bias_base = Bias_ptr + b * stride_bias_b + h * stride_bias_h
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+
+    kv_end = S
+    if HAS_KPM:
+        kv_end = tl.load(KVEnd_ptr + b)  # one past the last non-padding key of this sequence
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = _valid_keys(KPM_ptr, stride_kpm_b, b, offs_n, S, HAS_KPM)
+        if tl.max(valid_n.to(tl.int32), axis=0) > 0:  # skip blocks of padding only
+            k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d,
+                        mask=valid_n[:, None] & (offs_d[None, :] < D), other=0.0)
+            s = _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L,
+                        qk_scale, HAS_BIAS, DOT)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with nothing allowed so far has m = -inf: shift by 0 instead (exp2(-inf) = 0,
+            # where -inf - -inf would be NaN).
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
+            alpha = tl.math.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser counts dropped weights too
+            if HAS_DROPOUT:
+                p = tl.where(_keep_mask(seed, offs_m, offs_n, bh, dropout_p), p, 0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_dv[None, :] * stride_v_d,
+                        mask=valid_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
+            m_i = m_new
+
+    empty = l_i == 0.0  # every key masked: output 0, lse -inf
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    tl.store(LSE_ptr + bh.to(tl.int64) * L + offs_m, lse, mask=m_in)
+    tl.store(Out_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l
+             + offs_dv[None, :] * stride_o_d, out.to(Out_ptr.dtype.element_ty),
+             mask=m_in[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q_ptr, K_ptr, V_ptr, Bias_ptr, KPM_ptr, DO_ptr, LSE_ptr, Delta_ptr, DK_ptr, DV_ptr,
+    stride_q_b, stride_q_h, stride_q_l, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_s, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_s, stride_v_d,
+    stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_s,
+    stride_kpm_b,
+    stride_do_b, stride_do_h, stride_do_l, stride_do_d,
+    stride_dk_b, stride_dk_h, stride_dk_s, stride_dk_d,
+    stride_dv_b, stride_dv_h, stride_dv_s, stride_dv_d,
+    H, L, S, D, DV, scale, qk_scale, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    valid_n = _valid_keys(KPM_ptr, stride_kpm_b, b, offs_n, S, HAS_KPM)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    if tl.max(valid_n.to(tl.int32), axis=0) > 0:  # padding keys get zero gradients, no work
+        k = tl.load(K_ptr + b * stride_k_b + h * stride_k_h + offs_n[:, None] * stride_k_s
+                    + offs_d[None, :] * stride_k_d, mask=valid_n[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V_ptr + b * stride_v_b + h * stride_v_h + offs_n[:, None] * stride_v_s
+                    + offs_dv[None, :] * stride_v_d, mask=valid_n[:, None] & (offs_dv[None, :] < DV),
+                    other=0.0)
+        q_base = Q_ptr + b * stride_q_b + h * stride_q_h
+        do_base = DO_ptr + b * stride_do_b + h * stride_do_h
+        bias_base = Bias_ptr + b * stride_bias_b + h * stride_bias_h
+        row_base = bh.to(tl.int64) * L
+        for start_m in range(0, L, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_in = offs_m < L
+            q = tl.load(q_base + offs_m[:, None] * stride_q_l + offs_d[None, :] * stride_q_d,
+                        mask=m_in[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
+                         mask=m_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            lse = tl.load(LSE_ptr + row_base + offs_m, mask=m_in, other=0.0)
+            delta = tl.load(Delta_ptr + row_base + offs_m, mask=m_in, other=0.0)
+            # Empty rows (lse = -inf) and out-of-range rows: p = exp2(s - inf) = 0.
+            lse2 = tl.where((lse == float("-inf")) | (offs_m >= L), float("inf"), lse * 1.4426950408889634)
+            s = _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L,
+                        qk_scale, HAS_BIAS, DOT)
+            p = tl.math.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N) softmax weights
+            dp = _dot(do, tl.trans(v), DOT)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, offs_m, offs_n, bh, dropout_p)
+                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                p_drop = p
+            ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N) d(scores)
+            dv += _dot(tl.trans(p_drop.to(do.dtype)), do, DOT)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT)
+    n_in = offs_n < S
+    tl.store(DK_ptr + b * stride_dk_b + h * stride_dk_h + offs_n[:, None] * stride_dk_s
+             + offs_d[None, :] * stride_dk_d, (dk * scale).to(DK_ptr.dtype.element_ty),
+             mask=n_in[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_ptr + b * stride_dv_b + h * stride_dv_h + offs_n[:, None] * stride_dv_s
+             + offs_dv[None, :] * stride_dv_d, dv.to(DV_ptr.dtype.element_ty),
+             mask=n_in[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q_ptr, K_ptr, V_ptr, Bias_ptr, KPM_ptr, KVEnd_ptr, DO_ptr, LSE_ptr, Delta_ptr, DQ_ptr,
+    stride_q_b, stride_q_h, stride_q_l, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_s, stride_k_d,
+    stride_v_b, stride_v_h, stride_v_s, stride_v_d,
+    stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_s,
+    stride_kpm_b,
+    stride_do_b, stride_do_h, stride_do_l, stride_do_d,
+    stride_dq_b, stride_dq_h, stride_dq_l, stride_dq_d,
+    H, L, S, D, DV, scale, qk_scale, dropout_p, seed,
+    HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_in = offs_m < L
+
+    q = tl.load(Q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_l
+                + offs_d[None, :] * stride_q_d, mask=m_in[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l
+                 + offs_dv[None, :] * stride_do_d, mask=m_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    row_base = bh.to(tl.int64) * L
+    lse = tl.load(LSE_ptr + row_base + offs_m, mask=m_in, other=0.0)
+    delta = tl.load(Delta_ptr + row_base + offs_m, mask=m_in, other=0.0)
+    lse2 = tl.where((lse == float("-inf")) | (offs_m >= L), float("inf"), lse * 1.4426950408889634)
+    k_base = K_ptr + b * stride_k_b + h * stride_k_h
+    v_base = V_ptr + b * stride_v_b + h * stride_v_h
+    bias_base = Bias_ptr + b * stride_bias_b + h * stride_bias_h
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    kv_end = S
+    if HAS_KPM:
+        kv_end = tl.load(KVEnd_ptr + b)
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        valid_n = _valid_keys(KPM_ptr, stride_kpm_b, b, offs_n, S, HAS_KPM)
+        if tl.max(valid_n.to(tl.int32), axis=0) > 0:
+            k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d,
+                        mask=valid_n[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_dv[None, :] * stride_v_d,
+                        mask=valid_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            s = _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L,
+                        qk_scale, HAS_BIAS, DOT)
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = _dot(do, tl.trans(v), DOT)
+            if HAS_DROPOUT:
+                keep = _keep_mask(seed, offs_m, offs_n, bh, dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, DOT)
+    tl.store(DQ_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_l
+             + offs_d[None, :] * stride_dq_d, (dq * scale).to(DQ_ptr.dtype.element_ty),
+             mask=m_in[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _attention_dropout_mask_kernel(Mask_ptr, H, L, S, dropout_p, seed,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep_mask(seed, offs_m, offs_n, bh, dropout_p)
+    ptrs = Mask_ptr + (bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_mode(dtype):
+    if dtype == torch.float32:
+        return DOT_IEEE
+    if dtype == torch.bfloat16 and _interpreted():
+        return DOT_UPCAST
+    return DOT_NATIVE
+
+
+def _blocks(D, DV, L, S, backward):
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``.  Small tiles under the interpreter
+    (numpy cost grows with the tile); on GPUs, tiles that keep the fp32 accumulators of the
+    larger head dims in registers (FlashAttention-2's forward uses 128 x 64 up to d = 128)."""
+    if _interpreted():
+        return 16, 16, 4, 1
+    width = max(D, DV)
+    if backward:
+        return (64, 64, 4, 2) if width <= 64 else (64, 32, 4, 2)
+    if width <= 64:
+        return 128, 64, 4, 3
+    return 128, 32, 8, 2
+
+
+def _strides4(t):
+    return [t.stride(i) for i in range(4)]
+
+
+def _masks(bias, kpm, q, B, H, L, S):
+    """Broadcast bias strides, kpm as uint8 and the per-sequence key-loop end (device ops only)."""
+    if bias is None:
+        bias_arg, bias_strides = q, [0, 0, 0, 0]
+    else:
+        bias_arg = bias.expand(B, H, L, S)
+        bias_strides = _strides4(bias_arg)
+    if kpm is None:
+        kpm_arg, kv_end, stride_kpm = q, q, 0
+    else:
+        kpm_arg = kpm.to(torch.uint8) if kpm.dtype == torch.bool else kpm
+        idx = torch.arange(1, S + 1, device=kpm.device, dtype=torch.int32)
+        kv_end = torch.where(kpm_arg == 0, idx, 0).amax(dim=1).to(torch.int32)  # (B,)
+        if kpm_arg.stride(1) != 1:
+            kpm_arg = kpm_arg.contiguous()
+        stride_kpm = kpm_arg.stride(0)
+    return bias_arg, bias_strides, kpm_arg, kv_end, stride_kpm
+
+
+def empty_like_layout(t, shape, dtype=None):
+    """An empty tensor of ``shape`` (same rank as ``t``) whose dims are laid out in ``t``'s
+    stride order: a sequence-first ``(B, H, L, D)`` view gets a sequence-first buffer, so the
+    caller's ``view(L, B, H * D)`` needs no copy."""
+    order = sorted(range(t.dim()), key=lambda i: (-t.stride(i), i))
+    buf = torch.empty([shape[i] for i in order], dtype=dtype or t.dtype, device=t.device)
+    inverse = [order.index(i) for i in range(t.dim())]
+    return buf.permute(inverse)
+
+
+def attention_fwd_triton(q, k, v, bias, kpm, dropout_p, scale, seed):
+    """``(out (B, H, L, Dv) in q's layout, lse (B, H, L) fp32)``; see the module docstring."""
+    B, H, L, D = q.shape
+    S, DV = k.shape[2], v.shape[3]
+    out = empty_like_layout(q, (B, H, L, DV))
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if B * H * L == 0:
+        return out, lse
+    if S == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    bias_arg, bias_strides, kpm_arg, kv_end, stride_kpm = _masks(bias, kpm, q, B, H, L, S)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(D, DV, L, S, backward=False)
+    grid = (triton.cdiv(L, BLOCK_M), B * H)
+    _attention_fwd_kernel[grid](
+        q, k, v, bias_arg, kpm_arg, kv_end, out, lse,
+        *_strides4(q), *_strides4(k), *_strides4(v), *bias_strides, stride_kpm, *_strides4(out),
+        H, L, S, D, DV, scale * LOG2E, dropout_p, seed,
+        HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
+        DOT=_dot_mode(q.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_DV=max(16, triton.next_power_of_2(DV)), num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, kpm, dropout_p, scale, seed):
+    """``(dq, dk, dv)``, each in the layout of its input."""
+    B, H, L, D = q.shape
+    S, DV = k.shape[2], v.shape[3]
+    dq, dk, dv = empty_like_layout(q, q.shape), empty_like_layout(k, k.shape), empty_like_layout(v, v.shape)
+    if B * H * L == 0 or S == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax-backward row term.
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
+    bias_arg, bias_strides, kpm_arg, kv_end, stride_kpm = _masks(bias, kpm, q, B, H, L, S)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(D, DV, L, S, backward=True)
+    consts = dict(HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
+                  DOT=_dot_mode(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                  BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
+                  num_warps=num_warps, num_stages=num_stages)
+    common = (*_strides4(q), *_strides4(k), *_strides4(v), *bias_strides, stride_kpm, *_strides4(grad_out))
+    _attention_bwd_dkdv_kernel[(triton.cdiv(S, BLOCK_N), B * H)](
+        q, k, v, bias_arg, kpm_arg, grad_out, lse, delta, dk, dv,
+        *common, *_strides4(dk), *_strides4(dv),
+        H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, **consts,
+    )
+    _attention_bwd_dq_kernel[(triton.cdiv(L, BLOCK_M), B * H)](
+        q, k, v, bias_arg, kpm_arg, kv_end, grad_out, lse, delta, dq,
+        *common, *_strides4(dq),
+        H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, **consts,
+    )
+    return dq, dk, dv
+
+
+def attention_dropout_mask_triton(B, H, L, S, dropout_p, seed, device):
+    """``(B, H, L, S)`` bool, True = kept: the dropout mask the kernels use for ``seed``."""
+    mask = torch.empty((B, H, L, S), dtype=torch.int8, device=device)
+    if mask.numel():
+        grid = (triton.cdiv(L, 16), triton.cdiv(S, 16), B * H)
+        _attention_dropout_mask_kernel[grid](mask, H, L, S, dropout_p, seed, BLOCK_M=16, BLOCK_N=16)
+    return mask.bool()
