@@ -12,6 +12,8 @@ from unit_fast.ops import (
     pairwise_giou,
 )
 from unit_fast.ops.hungarian_match import INFEASIBLE, INVALID, UNASSIGNED
+from unit_fast.nn import MultiheadAttention, patch_attention
+from unit_fast.ops.attention import attention
 
 __version__ = "0.1.0"
 
@@ -21,9 +23,12 @@ __all__ = [
     "UNASSIGNED",
     "BoxLoss",
     "HungarianMatcher",
+    "MultiheadAttention",
+    "attention",
     "batched_linear_sum_assignment",
     "box_loss",
     "linear_sum_assignment",
     "matching_cost",
     "pairwise_giou",
+    "patch_attention",
 ]

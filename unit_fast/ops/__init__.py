@@ -1,5 +1,6 @@
 """unit_fast ops: each has a reference, kernels, a dispatcher, tests and a benchmark."""
 
+from unit_fast.ops.attention import attention
 from unit_fast.ops.box_loss import BoxLoss, box_loss
 from unit_fast.ops.hungarian_match import (
     HungarianMatcher,
@@ -11,6 +12,7 @@ from unit_fast.ops.matching_cost import matching_cost
 from unit_fast.ops.pairwise_giou import pairwise_giou
 
 __all__ = [
+    "attention",
     "BoxLoss",
     "HungarianMatcher",
     "batched_linear_sum_assignment",
