@@ -323,18 +323,47 @@ def _dot_mode(dtype):
     return DOT_NATIVE
 
 
-def _blocks(D, DV, L, S, backward):
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)``.  Small tiles under the interpreter
-    (numpy cost grows with the tile); on GPUs, tiles that keep the fp32 accumulators of the
-    larger head dims in registers (FlashAttention-2's forward uses 128 x 64 up to d = 128)."""
+# Tile shapes, warps and pipeline stages are tuned on the device at the first call of each
+# (head dims, dtype, masks, dropout) combination (``triton.autotune``), not per sequence length:
+# padded batches change L and S at every step, and re-tuning each would cost seconds.
+_TUNE_KEY = ["D", "DV", "HAS_BIAS", "HAS_KPM", "HAS_DROPOUT", "DOT"]
+
+
+def _configs(backward):
+    """Candidate ``triton.Config``s.  One 16 x 16 config under the interpreter (numpy cost grows
+    with the tile; with a single config the autotuner runs it without benchmarking, so CPU
+    tests go through the same launch path as the GPU)."""
     if _interpreted():
-        return 16, 16, 4, 1
-    width = max(D, DV)
-    if backward:
-        return (64, 64, 4, 2) if width <= 64 else (64, 32, 4, 2)
-    if width <= 64:
-        return 128, 64, 4, 3
-    return 128, 32, 8, 2
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    tiles = ([(32, 64), (64, 32), (64, 64), (64, 128), (128, 64)] if backward
+             else [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)])
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n in tiles for w in (4, 8) for st in ((1, 2) if backward else (2, 3))]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose fp32 score/accumulator tiles cannot fit in registers for wide heads."""
+    width = max(named_args["D"], named_args["DV"])
+    kept = [c for c in configs if width <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    return kept or configs
+
+
+def _tuned(kernel, backward):
+    return triton.autotune(configs=_configs(backward), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_TUNED = {}
+
+
+def _launcher(name):
+    """The autotuned wrapper of kernel ``name``, built at first use (after ``TRITON_INTERPRET``
+    is final) and cached."""
+    if name not in _TUNED:
+        kernel = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel,
+                  "dq": _attention_bwd_dq_kernel}[name]
+        _TUNED[name] = _tuned(kernel, backward=name != "fwd")
+    return _TUNED[name]
 
 
 def _strides4(t):
@@ -381,16 +410,14 @@ def attention_fwd_triton(q, k, v, bias, kpm, dropout_p, scale, seed):
     if S == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     bias_arg, bias_strides, kpm_arg, kv_end, stride_kpm = _masks(bias, kpm, q, B, H, L, S)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(D, DV, L, S, backward=False)
-    grid = (triton.cdiv(L, BLOCK_M), B * H)
-    _attention_fwd_kernel[grid](
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _launcher("fwd")[grid](
         q, k, v, bias_arg, kpm_arg, kv_end, out, lse,
         *_strides4(q), *_strides4(k), *_strides4(v), *bias_strides, stride_kpm, *_strides4(out),
         H, L, S, D, DV, scale * LOG2E, dropout_p, seed,
         HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
         DOT=_dot_mode(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_DV=max(16, triton.next_power_of_2(DV)), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
     )
     return out, lse
 
@@ -405,18 +432,16 @@ def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, kpm, dropout_p, scal
     # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax-backward row term.
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
     bias_arg, bias_strides, kpm_arg, kv_end, stride_kpm = _masks(bias, kpm, q, B, H, L, S)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(D, DV, L, S, backward=True)
     consts = dict(HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
-                  DOT=_dot_mode(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                  BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-                  num_warps=num_warps, num_stages=num_stages)
+                  DOT=_dot_mode(q.dtype),
+                  BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)))
     common = (*_strides4(q), *_strides4(k), *_strides4(v), *bias_strides, stride_kpm, *_strides4(grad_out))
-    _attention_bwd_dkdv_kernel[(triton.cdiv(S, BLOCK_N), B * H)](
+    _launcher("dkdv")[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)](
         q, k, v, bias_arg, kpm_arg, grad_out, lse, delta, dk, dv,
         *common, *_strides4(dk), *_strides4(dv),
         H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, **consts,
     )
-    _attention_bwd_dq_kernel[(triton.cdiv(L, BLOCK_M), B * H)](
+    _launcher("dq")[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](
         q, k, v, bias_arg, kpm_arg, kv_end, grad_out, lse, delta, dq,
         *common, *_strides4(dq),
         H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, **consts,

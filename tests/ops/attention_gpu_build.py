@@ -1,0 +1,78 @@
+"""Compiles the attention kernels for a GPU target with no GPU present; prints one JSON line per
+kernel.  Run by ``test_attention_gpu_build.py`` in a subprocess: Triton's compiler needs
+``TRITON_INTERPRET`` unset at import (with it set, ``@triton.jit`` builds interpreter objects).
+
+Usage: ``python tests/ops/attention_gpu_build.py`` (prints ``{"case": ..., "shared": bytes}``,
+or ``{"case": ..., "error": ...}``).
+"""
+
+import json
+import os
+import sys
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("run with TRITON_INTERPRET unset")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from unit_fast.ops.attention import triton as T  # noqa: E402
+
+KERNELS = {"fwd": T._attention_fwd_kernel, "dkdv": T._attention_bwd_dkdv_kernel, "dq": T._attention_bwd_dq_kernel,
+           "dropout_mask": T._attention_dropout_mask_kernel}
+POINTER_TYPES = {"LSE_ptr": "*fp32", "Delta_ptr": "*fp32", "Bias_ptr": "*fp32", "KPM_ptr": "*u8",
+                 "KVEnd_ptr": "*i32", "Mask_ptr": "*i8"}
+
+
+def signature(kernel, dtype, constexprs):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = POINTER_TYPES.get(name, f"*{dtype}")
+        elif name in ("qk_scale", "scale", "dropout_p"):
+            sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def cases():
+    """(name, arch, kernel, dtype, constexprs, options): every kernel with every option on, for
+    each dtype (one head dim each, all four covered) on Hopper, at the autotuner's smallest
+    tiles; plus the largest tiles in bf16 (the training dtype).  ptxas takes seconds per
+    kernel, so this is a sample, not the autotuner's whole space."""
+    plan = [("bf16", 32, "small"), ("fp16", 64, "small"), ("bf16", 96, "small"), ("fp32", 128, "small"),
+            ("bf16", 64, "large")]
+    for dtype, head_dim, size in plan:
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        for name in ("fwd", "dkdv", "dq"):
+            if size == "small":
+                (bm, bn), warps = ((64, 32) if name == "fwd" else (32, 64)), 4
+            else:
+                (bm, bn), warps = ((128, 128) if name == "fwd" else (128, 64)), 8
+            constexprs = dict(HAS_BIAS=True, HAS_KPM=True, HAS_DROPOUT=True,
+                              DOT=T.DOT_IEEE if dtype == "fp32" else T.DOT_NATIVE,
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_d)
+            yield (f"sm90-{name}-{dtype}-d{head_dim}-{bm}x{bn}", 90, KERNELS[name], dtype, constexprs,
+                   dict(num_warps=warps, num_stages=2))
+    yield ("sm90-dropout_mask", 90, KERNELS["dropout_mask"], "i8", dict(BLOCK_M=16, BLOCK_N=16), {})
+
+
+def main():
+    for case, arch, kernel, dtype, constexprs, options in cases():
+        src = ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+            print(json.dumps({"case": case, "arch": arch, "shared": compiled.metadata.shared,
+                              "cubin_bytes": len(compiled.asm["cubin"])}), flush=True)
+        except Exception as exc:  # reported per case by the test
+            print(json.dumps({"case": case, "arch": arch, "error": f"{type(exc).__name__}: {exc}"[:2000]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
