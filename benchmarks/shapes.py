@@ -228,3 +228,117 @@ def pairwise_boxes(shape, device="cpu", num_sets=NUM_INPUT_SETS, dtype=torch.flo
         return torch.cat([c - wh / 2, c + wh / 2], 1).to(device, dtype)
 
     return [(boxes(shape.N), boxes(shape.M)) for _ in range(num_sets)]
+
+
+# ---------------------------------------------------------------------------------------------
+# attention: multi-head attention with key padding, sequence-first as DETR / UniT call it.
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """``B`` sequences of ``L`` queries over ``S`` keys, embedding ``E`` split into ``H`` heads.
+
+    ``pad_frac = (lo, hi)``: each sequence pads a fraction of its keys drawn uniformly in
+    ``[lo, hi]``, among its first ``pad_span`` keys (all ``S`` when None): later keys (UniT's
+    text tokens after the image's) are never padded.  With ``grid = (Hf, Wf)`` those keys are a
+    row-major ``Hf x Wf`` feature map padded as DETR pads images (bottom rows and right
+    columns, so the padding is scattered through the sequence); without, the padding is
+    trailing (a sentence's).  ``self_attn``: the keys are the
+    queries (``key is query``).  ``value_is_key``: the values are that same tensor too (BERT);
+    otherwise they are their own tensor, as in DETR, which adds positional embeddings to the
+    queries and keys but not to the values.
+    """
+
+    name: str
+    B: int
+    L: int
+    S: int
+    E: int
+    H: int
+    pad_frac: tuple[float, float]
+    self_attn: bool
+    where: str
+    pad_span: int | None = None
+    value_is_key: bool = False
+    grid: tuple[int, int] | None = None
+
+    def as_dict(self):
+        d = {"B": self.B, "L": self.L, "S": self.S, "E": self.E, "H": self.H, "pad_frac": list(self.pad_frac),
+             "self_attn": self.self_attn}
+        if self.pad_span is not None:
+            d["pad_span"] = self.pad_span
+        if self.grid is not None:
+            d["grid"] = list(self.grid)
+        return d
+
+
+# UniT's image encoder sees an 800 x 1088-ish COCO batch: 25 x 34 = 850 positions at stride 32,
+# 50 x 68 = 3400 with DC5 (stride 16).  DETR pads each image to the batch's largest height and
+# width, so 10-30% of an image's positions are padding: bottom rows (trailing in the flattened
+# sequence: whole key blocks a kernel can skip) and right columns (a few keys at the end of every
+# row: scattered, skippable by no one).  The split between the two is drawn per image.
+ATTENTION_SHAPES = {
+    s.name: s
+    for s in (
+        AttentionShape("unit_encoder_s32", 8, 850, 850, 256, 8, (0.1, 0.3), True,
+                       "UniT / DETR image encoder self-attention, stride-32 map (25 x 34)", grid=(25, 34)),
+        AttentionShape("unit_encoder_dc5", 8, 3400, 3400, 256, 8, (0.1, 0.3), True,
+                       "UniT / DETR-DC5 image encoder self-attention, stride-16 map (50 x 68)", grid=(50, 68)),
+        AttentionShape("unit_decoder_cross", 8, 100, 3400 + 25, 768, 8, (0.1, 0.3), False,
+                       "UniT decoder cross-attention: 100 queries over the DC5 image (3400, padded) "
+                       "and text (25) encoder outputs", pad_span=3400, grid=(50, 68)),
+        AttentionShape("bert_base_l128", 32, 128, 128, 768, 12, (0.0, 0.5), True,
+                       "UniT's BERT-base text encoder: sentences padded to 128 tokens",
+                       value_is_key=True),
+        AttentionShape("tiny_cpu", 2, 40, 40, 32, 2, (0.1, 0.3), True,
+                       "smoke shape: runs the harness on CPU CI (its timings mean little)"),
+    )
+}
+
+# One bf16 input set is up to ~85 MB (the decoder's memory keys and values) and each set's
+# activations are the memory that matters: sets over 16 MiB (DC5, decoder) rotate two; the small
+# ones fit in L2 and rotate NUM_INPUT_SETS.
+ATTENTION_BIG_INPUT_BYTES = 16 * 2**20
+
+
+def attention_inputs(shape, device="cpu", dtype=torch.bfloat16, num_sets=None):
+    """``num_sets`` sequence-first input sets ``(query, key, value, key_padding_mask)`` for ``shape``.
+
+    ``query (L, B, E)``, ``key`` and ``value`` ``(S, B, E)`` of ``dtype``, standard normal;
+    ``key is query`` for ``self_attn`` shapes and ``value is key`` for ``value_is_key`` ones.
+    ``key_padding_mask (B, S)`` bool, True = padding: sequence b pads the last
+    ``round(f_b * pad_span)`` of its first ``pad_span`` keys, ``f_b`` uniform in ``pad_frac``.
+    ``num_sets`` defaults to 2 when one set is over ``ATTENTION_BIG_INPUT_BYTES``, else
+    ``NUM_INPUT_SETS``.
+    """
+    if num_sets is None:
+        kv_tensors = (0 if shape.self_attn else 1) + (0 if shape.value_is_key else 1)
+        elems = (shape.L + kv_tensors * shape.S) * shape.B * shape.E
+        big = elems * torch.finfo(dtype).bits // 8 > ATTENTION_BIG_INPUT_BYTES
+        num_sets = 2 if big else NUM_INPUT_SETS
+    gen = torch.Generator().manual_seed(SEED)
+    span = shape.S if shape.pad_span is None else shape.pad_span
+    lo, hi = shape.pad_frac
+
+    def normal(length):  # [length, B, E]
+        return torch.randn(length, shape.B, shape.E, generator=gen).to(device, dtype)
+
+    sets = []
+    for _ in range(num_sets):
+        query = normal(shape.L)
+        key = query if shape.self_attn else normal(shape.S)
+        value = key if shape.value_is_key else normal(shape.S)
+        pad = lo + (hi - lo) * torch.rand(shape.B, generator=gen, dtype=torch.float64)  # [B]
+        pos = torch.arange(shape.S)  # [S]
+        if shape.grid is None:  # trailing
+            n_pad = torch.round(pad * span).long()
+            key_padding_mask = (pos >= span - n_pad[:, None]) & (pos < span)  # [B, S]
+        else:  # bottom rows and right columns of the Hf x Wf map, keeping ~(1 - pad) of it
+            hf, wf = shape.grid
+            split = torch.rand(shape.B, generator=gen, dtype=torch.float64)  # [B]
+            rows = torch.round(hf * (1 - pad) ** split).long().clamp(1, hf)  # [B]
+            cols = torch.round(wf * (1 - pad) ** (1 - split)).long().clamp(1, wf)  # [B]
+            y, x = pos // wf, pos % wf
+            key_padding_mask = ((y[None] >= rows[:, None]) | (x[None] >= cols[:, None])) & (pos < span)  # [B, S]
+        sets.append((query, key, value, key_padding_mask.to(device)))
+    return sets
