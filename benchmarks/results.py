@@ -88,6 +88,15 @@ def build_results(run, topic, device):
             for b in sorted(members, key=lambda b: b["extra_info"]["provider"])
             if b["extra_info"]["role"] == "baseline"
         }
+        # Peak memory side by side too, where the run recorded it (CUDA): the attention targets
+        # are about memory as much as time.
+        baseline_mem = {
+            b["extra_info"]["provider"]: b["extra_info"]["peak_mem_mb"]
+            for b in sorted(members, key=lambda b: b["extra_info"]["provider"])
+            if b["extra_info"]["role"] == "baseline" and b["extra_info"].get("peak_mem_mb") is not None
+        }
+        notes = {b["extra_info"]["provider"]: b["extra_info"]["note"] for b in members
+                 if b["extra_info"]["role"] == "baseline" and "note" in b["extra_info"]}
         primary = min((b["extra_info"]["provider"] for b in ours), key=len)
         base_name = case if names.count(case) == 1 else f"{op}:{case}"
         for b in ours:
@@ -102,6 +111,8 @@ def build_results(run, topic, device):
                 "baselines": baselines,
                 "host_syncs": extra.get("host_syncs"),
                 "peak_mem_mb": extra.get("peak_mem_mb"),
+                **({"baselines_peak_mem_mb": baseline_mem} if baseline_mem else {}),
+                **({"baselines_notes": notes} if notes else {}),
             })
     if not cases:
         _fail(f"no {device} case has a timed unit_fast provider; nothing to write")
