@@ -377,3 +377,37 @@ def test_torch_compile_module():
     compiled = torch.compile(lambda *a: ours(*a, key_padding_mask=kpm, need_weights=False)[0], fullgraph=True,
                              backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), want)
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op (forward or backward) returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest[0]:
+                self.largest = (t.numel(), str(func))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["triton"] if "triton" in BACKENDS else [])
+def test_fused_path_allocates_nothing_of_size_L_times_S(backend):
+    """Memory linear in the sequence length: with key padding (DETR's encoder call), no tensor of
+    the layer's forward or backward has ``L x S`` elements per head; torch's weights path does."""
+    N, L, S = 2, 64, 64  # B*H*L*S = 16384 attention weights; B*L*E = 4096 activations
+    layer = unit_fast.MultiheadAttention(E, H, dropout=0.1, backend=backend, drop_weights=True)
+    x = torch.randn(L, N, E, requires_grad=True)
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    kpm[1, 40:] = True
+    with _LargestTensor() as mode:
+        out, _ = layer(x, x, x, key_padding_mask=kpm)  # need_weights=True, as DETR calls it
+        out.sum().backward()
+    assert mode.largest[0] <= N * L * 3 * E, mode.largest  # the packed q|k|v projection
+    with _LargestTensor() as mode:
+        out, _ = nn.MultiheadAttention(E, H, dropout=0.1)(x, x, x, key_padding_mask=kpm)
+        out.sum().backward()
+    assert mode.largest[0] >= N * H * L * S  # the control: torch's reference call materialises them
