@@ -411,3 +411,20 @@ def test_fused_path_allocates_nothing_of_size_L_times_S(backend):
         out, _ = nn.MultiheadAttention(E, H, dropout=0.1)(x, x, x, key_padding_mask=kpm)
         out.sum().backward()
     assert mode.largest[0] >= N * H * L * S  # the control: torch's reference call materialises them
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", ["default", "bias_kv_zero_attn_bf"])
+def test_autocast_bf16(backend, config):
+    """Under ``torch.autocast`` (how UniT trains on GPUs) the projections come out bf16 and the
+    fused path runs in bf16, agreeing with torch's module under the same autocast."""
+    ref, ours = _pair(CONFIGS[config], backend=backend)
+    ref = ref.float()
+    q, k, v = (x.float() for x in _inputs(CONFIGS[config]))
+    kpm, attn = _masks("kpm+attn2d", 3, 7, 19)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = ours(q, k, v, key_padding_mask=kpm, attn_mask=attn.float(), need_weights=False)
+        want, _ = ref(q, k, v, key_padding_mask=kpm, attn_mask=attn.float(), need_weights=False)
+    assert got.dtype == want.dtype == torch.bfloat16
+    exact, _ = ref.double()(*(x.double() for x in (q, k, v)), key_padding_mask=kpm, attn_mask=attn, need_weights=False)
+    assert_within_ref_error(got, want, exact, torch.bfloat16)

@@ -116,8 +116,9 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         q, k, v = self._in_projection(query, key, value)  # each (.., E) in the input layout
         if self.bias_k is not None:  # one learned key/value appended to every sequence
-            k = torch.cat([k, self.bias_k.expand_as(k.narrow(seq_dim, 0, 1))], dim=seq_dim)
-            v = torch.cat([v, self.bias_v.expand_as(v.narrow(seq_dim, 0, 1))], dim=seq_dim)
+            # In k's dtype: under autocast k is bf16 while the parameter stays fp32.
+            k = torch.cat([k, self.bias_k.to(k.dtype).expand_as(k.narrow(seq_dim, 0, 1))], dim=seq_dim)
+            v = torch.cat([v, self.bias_v.to(v.dtype).expand_as(v.narrow(seq_dim, 0, 1))], dim=seq_dim)
         if self.add_zero_attn:  # a zero key/value, i.e. zero in every head
             k = torch.cat([k, k.new_zeros(k.narrow(seq_dim, 0, 1).shape)], dim=seq_dim)
             v = torch.cat([v, v.new_zeros(v.narrow(seq_dim, 0, 1).shape)], dim=seq_dim)
