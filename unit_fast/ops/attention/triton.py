@@ -162,6 +162,33 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
+def _lse_log2(LSE_ptr, row_base, offs_m, L):
+    """``(BLOCK_M,)`` the saved lse in log2 units; ``+inf`` for empty rows (lse = -inf) and rows
+    past ``L``, so their recomputed weights ``exp2(s - inf)`` are 0."""
+    lse = tl.load(LSE_ptr + row_base + offs_m, mask=offs_m < L, other=0.0)
+    return tl.where((lse == float("-inf")) | (offs_m >= L), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L,
+              qk_scale, seed, bh, dropout_p, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr):
+    """One ``(BLOCK_M, BLOCK_N)`` tile of the backward, shared by both backward kernels:
+    ``(P_drop, dS)`` with ``P`` recomputed from the lse, ``P_drop`` the weights after dropout
+    (for ``dV = P_drop^T dO``) and ``dS = P * (dP - delta)``, ``dP`` the gradient wrt the
+    dropped-out weights mapped back through the dropout (for ``dQ = dS K``, ``dK = dS^T Q``)."""
+    s = _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L, qk_scale, HAS_BIAS, DOT)
+    p = tl.math.exp2(s - lse2[:, None])  # softmax weights
+    dp = _dot(do, tl.trans(v), DOT)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, offs_m, offs_n, bh, dropout_p)
+        p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_drop = p
+    return p_drop, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attention_bwd_dkdv_kernel(
     Q_ptr, K_ptr, V_ptr, Bias_ptr, KPM_ptr, DO_ptr, LSE_ptr, Delta_ptr, DK_ptr, DV_ptr,
     stride_q_b, stride_q_h, stride_q_l, stride_q_d,
@@ -204,21 +231,10 @@ def _attention_bwd_dkdv_kernel(
                         mask=m_in[:, None] & (offs_d[None, :] < D), other=0.0)
             do = tl.load(do_base + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
                          mask=m_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse = tl.load(LSE_ptr + row_base + offs_m, mask=m_in, other=0.0)
+            lse2 = _lse_log2(LSE_ptr, row_base, offs_m, L)
             delta = tl.load(Delta_ptr + row_base + offs_m, mask=m_in, other=0.0)
-            # Empty rows (lse = -inf) and out-of-range rows: p = exp2(s - inf) = 0.
-            lse2 = tl.where((lse == float("-inf")) | (offs_m >= L), float("inf"), lse * 1.4426950408889634)
-            s = _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L,
-                        qk_scale, HAS_BIAS, DOT)
-            p = tl.math.exp2(s - lse2[:, None])  # (BLOCK_M, BLOCK_N) softmax weights
-            dp = _dot(do, tl.trans(v), DOT)
-            if HAS_DROPOUT:
-                keep = _keep_mask(seed, offs_m, offs_n, bh, dropout_p)
-                p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                p_drop = p
-            ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N) d(scores)
+            p_drop, ds = _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, valid_n, bias_base, stride_bias_l,
+                                   stride_bias_s, L, qk_scale, seed, bh, dropout_p, HAS_BIAS, HAS_DROPOUT, DOT)
             dv += _dot(tl.trans(p_drop.to(do.dtype)), do, DOT)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT)
     n_in = offs_n < S
@@ -258,9 +274,8 @@ def _attention_bwd_dq_kernel(
     do = tl.load(DO_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l
                  + offs_dv[None, :] * stride_do_d, mask=m_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
     row_base = bh.to(tl.int64) * L
-    lse = tl.load(LSE_ptr + row_base + offs_m, mask=m_in, other=0.0)
+    lse2 = _lse_log2(LSE_ptr, row_base, offs_m, L)
     delta = tl.load(Delta_ptr + row_base + offs_m, mask=m_in, other=0.0)
-    lse2 = tl.where((lse == float("-inf")) | (offs_m >= L), float("inf"), lse * 1.4426950408889634)
     k_base = K_ptr + b * stride_k_b + h * stride_k_h
     v_base = V_ptr + b * stride_v_b + h * stride_v_h
     bias_base = Bias_ptr + b * stride_bias_b + h * stride_bias_h
@@ -277,14 +292,8 @@ def _attention_bwd_dq_kernel(
                         mask=valid_n[:, None] & (offs_d[None, :] < D), other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_dv[None, :] * stride_v_d,
                         mask=valid_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            s = _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L,
-                        qk_scale, HAS_BIAS, DOT)
-            p = tl.math.exp2(s - lse2[:, None])
-            dp = _dot(do, tl.trans(v), DOT)
-            if HAS_DROPOUT:
-                keep = _keep_mask(seed, offs_m, offs_n, bh, dropout_p)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None])
+            _, ds = _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, valid_n, bias_base, stride_bias_l,
+                              stride_bias_s, L, qk_scale, seed, bh, dropout_p, HAS_BIAS, HAS_DROPOUT, DOT)
             dq += _dot(ds.to(k.dtype), k, DOT)
     tl.store(DQ_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_l
              + offs_d[None, :] * stride_dq_d, (dq * scale).to(DQ_ptr.dtype.element_ty),
