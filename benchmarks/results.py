@@ -25,6 +25,11 @@ import sys
 KEYWORDS_DROPPED = {"nvidia", "geforce", "tesla", "intel", "amd", "cpu", "processor"}
 
 
+# Per-case figures some benchmarks record besides time and memory (bench_unit_step: samples per
+# step, so samples/s = samples_per_step / median; memory per sample).
+_CARRIED = ("samples_per_step", "peak_mem_mb_per_sample")
+
+
 def device_slug(device_type, name):
     """``"NVIDIA H100 80GB HBM3"`` -> ``"h100"``; ``"Intel(R) Xeon(R) Processor (2 cores)"`` ->
     ``"cpu-xeon-2c"``: the model, up to its first token with a digit."""
@@ -95,6 +100,9 @@ def build_results(run, topic, device):
             for b in sorted(members, key=lambda b: b["extra_info"]["provider"])
             if b["extra_info"]["role"] == "baseline" and b["extra_info"].get("peak_mem_mb") is not None
         }
+        base_extra = {b["extra_info"]["provider"]: {k: b["extra_info"][k] for k in _CARRIED if k in b["extra_info"]}
+                      for b in members if b["extra_info"]["role"] == "baseline"
+                      and any(k in b["extra_info"] for k in _CARRIED)}
         notes = {b["extra_info"]["provider"]: b["extra_info"]["note"] for b in members
                  if b["extra_info"]["role"] == "baseline" and "note" in b["extra_info"]}
         primary = min((b["extra_info"]["provider"] for b in ours), key=len)
@@ -113,6 +121,8 @@ def build_results(run, topic, device):
                 "peak_mem_mb": extra.get("peak_mem_mb"),
                 **({"baselines_peak_mem_mb": baseline_mem} if baseline_mem else {}),
                 **({"baselines_notes": notes} if notes else {}),
+                **{k: extra[k] for k in _CARRIED if k in extra},
+                **({"baselines_extra": base_extra} if base_extra else {}),
             })
     if not cases:
         _fail(f"no {device} case has a timed unit_fast provider; nothing to write")

@@ -342,3 +342,74 @@ def attention_inputs(shape, device="cpu", dtype=torch.bfloat16, num_sets=None):
             key_padding_mask = ((y[None] >= rows[:, None]) | (x[None] >= cols[:, None])) & (pos < span)  # [B, S]
         sets.append((query, key, value, key_padding_mask.to(device)))
     return sets
+
+
+# ---------------------------------------------------------------------------------------------
+# unit_step: one UniT training step (forward, backward, AdamW), MMF's reference path at one image
+# per GPU (as MMF runs it) against the fast path at the largest batch that fits.
+
+
+@dataclass(frozen=True)
+class UniTStepSetting:
+    """A training step of ``config`` on ``dataset`` with ``image`` (H, W)-sized inputs (COCO's
+    typical 800 x 1088 after DETR's test resize); ``overrides`` applied to the config."""
+
+    name: str
+    config: str
+    dataset: str
+    image: tuple[int, int]
+    overrides: tuple[str, ...]
+    where: str
+
+    def as_dict(self):
+        return {"config": self.config, "dataset": self.dataset, "image": list(self.image),
+                "overrides": list(self.overrides)}
+
+
+_FULL = ("model.bert.pretrained=null",)  # random BERT-base: nothing to download, same cost
+UNIT_STEP_SETTINGS = {
+    s.name: s
+    for s in (
+        UniTStepSetting("coco_det_dc5", "coco_single_task", "detection_coco", (800, 1088), _FULL,
+                        "UniT COCO detection, DC5 (stride 16: 50 x 68 tokens)"),
+        UniTStepSetting("coco_det_s32", "coco_single_task", "detection_coco", (800, 1088),
+                        _FULL + ("model.base_args.dilation=false",), "UniT COCO detection, stride 32"),
+        UniTStepSetting("vqa2_dc5", "vqa2_single_task", "vqa2", (800, 1088), _FULL,
+                        "UniT VQAv2, DC5, 25-token questions"),
+        UniTStepSetting("vqa2_s32", "vqa2_single_task", "vqa2", (800, 1088),
+                        _FULL + ("model.base_args.dilation=false",), "UniT VQAv2, stride 32"),
+        UniTStepSetting("tiny_cpu_det", "tiny", "detection_coco", (64, 96), (),
+                        "smoke setting: runs the harness on CPU (timings mean little)"),
+    )
+}
+
+
+def unit_step_batch(setting, batch_size, device="cpu", seed=SEED):
+    """One training sample dict for ``setting``: ``batch_size`` images of 85-100% of the
+    setting's size each (so the batch is padded, as DETR's are), targets of 5-20 boxes
+    (detection) or 3129-way soft scores and 25-token questions (VQA)."""
+    gen = torch.Generator().manual_seed(seed)
+    H, W = setting.image
+    images = []
+    for _ in range(batch_size):
+        h = int(H * (0.85 + 0.15 * torch.rand((), generator=gen).item()))
+        w = int(W * (0.85 + 0.15 * torch.rand((), generator=gen).item()))
+        images.append(torch.randn(3, h, w, generator=gen).to(device))
+    sample = {"dataset_name": setting.dataset, "image": images, "dataset_type": "train"}
+    if setting.dataset.startswith("detection"):
+        targets = []
+        for _ in range(batch_size):
+            n = int(torch.randint(5, 21, (), generator=gen))
+            boxes = torch.cat([torch.rand(n, 2, generator=gen) * 0.6 + 0.2,
+                               torch.rand(n, 2, generator=gen) * 0.3 + 0.05], 1)
+            labels = torch.randint(1, 8 if setting.config == "tiny" else 91, (n,), generator=gen)
+            targets.append({"labels": labels.to(device), "boxes": boxes.to(device)})
+        sample["targets"] = targets
+    else:
+        L = 25
+        sample["input_ids"] = torch.randint(1000, 30000, (batch_size, L), generator=gen).to(device)
+        mask = torch.ones(batch_size, L, dtype=torch.long)
+        sample["input_mask"] = mask.to(device)
+        sample["segment_ids"] = torch.zeros(batch_size, L, dtype=torch.long).to(device)
+        sample["targets"] = torch.rand(batch_size, 3129, generator=gen).to(device)
+    return sample

@@ -17,6 +17,23 @@ from unit_fast.ops.attention import attention
 
 __version__ = "0.1.0"
 
+# The model side imports transformers (seconds): loaded on first use, not with the kernels.
+_LAZY = {
+    "UniT": "unit_fast.models.unit",
+    "build_model": "unit_fast.models.unit",
+    "load_mmf_checkpoint": "unit_fast.models.checkpoint",
+    "save_mmf_checkpoint": "unit_fast.models.checkpoint",
+    "load_config": "unit_fast.config",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'unit_fast' has no attribute {name!r}")
+
 __all__ = [
     "INFEASIBLE",
     "INVALID",
@@ -24,11 +41,16 @@ __all__ = [
     "BoxLoss",
     "HungarianMatcher",
     "MultiheadAttention",
+    "UniT",
     "attention",
     "batched_linear_sum_assignment",
     "box_loss",
+    "build_model",
     "linear_sum_assignment",
+    "load_config",
+    "load_mmf_checkpoint",
     "matching_cost",
     "pairwise_giou",
     "patch_attention",
+    "save_mmf_checkpoint",
 ]

@@ -1,0 +1,113 @@
+"""Configs: YAML files packaged in ``unit_fast/configs/``, merged onto ``defaults.yaml``.
+
+``load_config(name_or_path, overrides=())`` returns a plain nested dict:
+  1. ``defaults.yaml`` (every key a config may set, with MMF's default values);
+  2. the chain of ``base:`` files the named file inherits from, oldest first;
+  3. the file itself;
+  4. ``overrides``: dotted ``key=value`` strings (``model.base_args.dec_layers=2``), the value read
+     as YAML (``1e-4``, ``true``, ``[1, 2]``, ``null``).
+A key that the defaults do not have is an error naming the key, except below a mapping whose
+default is empty (``{}``): those are open maps (``num_queries``, ``bert.config``, ...).
+"""
+
+import copy
+import os
+from importlib import resources
+
+import yaml
+
+CONFIG_DIR = "configs"
+
+
+def config_names():
+    """The packaged config names (``load_config`` accepts these)."""
+    files = resources.files("unit_fast").joinpath(CONFIG_DIR).iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml") and f.name != "defaults.yaml")
+
+
+def _read(name_or_path):
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        path = os.path.expanduser(name_or_path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {name_or_path!r} does not exist")
+        with open(path) as f:
+            text, here = f.read(), os.path.dirname(os.path.abspath(path))
+    else:
+        res = resources.files("unit_fast").joinpath(CONFIG_DIR, f"{name_or_path}.yaml")
+        if not res.is_file():
+            raise ValueError(f"unknown config {name_or_path!r}; packaged configs: {', '.join(config_names())}, "
+                             "or pass a path to a .yaml file")
+        text, here = res.read_text(), None
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {name_or_path!r} must be a mapping at the top level")
+    return data, here
+
+
+def _merge(into, new, path, open_map=False):
+    """Merge ``new`` onto ``into`` in place; unknown keys raise unless inside an open map."""
+    for key, value in new.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in into:
+            if not open_map:
+                raise ValueError(f"unknown config key {dotted!r}")
+            into[key] = copy.deepcopy(value)
+            continue
+        current = into[key]
+        if isinstance(current, dict) and isinstance(value, dict):
+            _merge(current, value, dotted, open_map or not current)
+        elif isinstance(current, dict) and value is not None and not open_map and current:
+            raise ValueError(f"config key {dotted!r} is a section; got {value!r}")
+        else:
+            into[key] = copy.deepcopy(value)
+
+
+def _load_chain(name_or_path, seen):
+    data, here = _read(name_or_path)
+    base = data.pop("base", None)
+    chain = []
+    if base is not None:
+        if base in seen:
+            raise ValueError(f"config {name_or_path!r}: circular base {base!r}")
+        if here is not None and (base.endswith((".yaml", ".yml")) and not os.path.isabs(base)):
+            base = os.path.join(here, base)
+        chain = _load_chain(base, seen | {base})
+    return chain + [(name_or_path, data)]
+
+
+def parse_override(text):
+    """``"a.b.c=value"`` -> ``(["a", "b", "c"], value)``; a clear error if malformed."""
+    if "=" not in text:
+        raise ValueError(f"bad override {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"bad override {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"bad override {text!r}: value is not valid YAML ({exc})") from None
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string; a number is meant
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def load_config(name_or_path="default", overrides=()):
+    """The merged config dict of a packaged config name or a YAML path, plus ``overrides``."""
+    cfg, _ = _read("defaults")
+    cfg.pop("base", None)
+    for name, data in _load_chain(name_or_path, {name_or_path}):
+        try:
+            _merge(cfg, data, "")
+        except ValueError as exc:
+            raise ValueError(f"config {name!r}: {exc}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _merge(cfg, nested, "")
+    cfg["config_name"] = os.path.splitext(os.path.basename(name_or_path))[0]
+    return cfg

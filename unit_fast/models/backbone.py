@@ -1,0 +1,191 @@
+"""ResNet backbone with frozen BatchNorm, and its ``Joiner`` with the position encoding.
+
+Follows DETR ``models/backbone.py`` / MMF ``mmf/models/unit/backbone.py`` (written from the spec
+in ``shared/reference/unit_mmf_detr.md`` sections 1.5 and 1.8; state-dict keys and freezing
+rules kept). Differences from the reference:
+- the ResNet is built with ``weights=None`` (nothing is ever downloaded); pretrained weights
+  come from a local torchvision-format file (``weights=``) or a DETR checkpoint
+  (``load_detr_backbone``, MMF's ``base_ckpt_load_backbone_only``);
+- resnet18/34 (BasicBlock) with ``dilation`` raise ValueError up front.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from unit_fast.models.misc import NestedTensor
+from unit_fast.models.position_encoding import PositionEmbeddingSine
+
+_NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+
+class BackboneBase(nn.Module):
+    """Runs ``backbone`` through ``IntermediateLayerGetter`` and resizes the padding mask.
+
+    Freezing (DETR): every parameter is frozen unless ``train_backbone``; the stem (``conv1``)
+    and ``layer1`` are frozen always. FrozenBatchNorm2d statistics and affines are buffers, so
+    they are never trained either.
+
+    Args:
+        backbone: a torchvision ResNet.
+        train_backbone: keep ``layer2``-``layer4`` trainable.
+        num_channels: channels of the last returned feature map.
+        return_interm_layers: return ``layer1``..``layer4`` as ``"0"``..``"3"``; else only
+            ``layer4`` as ``"0"``.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool
+    ):
+        super().__init__()
+        for name, parameter in backbone.named_parameters():
+            if not train_backbone or not any(layer in name for layer in ("layer2", "layer3", "layer4")):
+                parameter.requires_grad_(False)
+        if return_interm_layers:
+            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+        else:
+            return_layers = {"layer4": "0"}
+        # Attribute name ``body`` makes the state-dict keys ``body.*`` (DETR checkpoint layout).
+        self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
+        self.num_channels = num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> OrderedDict[str, NestedTensor]:
+        """``NestedTensor`` ``(B, 3, H, W)`` + mask ``(B, H, W)`` -> ``{name: NestedTensor}`` with
+        features ``(B, C_l, H_l, W_l)`` and mask ``(B, H_l, W_l)`` bool (True = pad)."""
+        mask = tensor_list.mask
+        if mask is None:
+            raise ValueError("Backbone needs a NestedTensor with a padding mask")
+        out: OrderedDict[str, NestedTensor] = OrderedDict()
+        for name, x in self.body(tensor_list.tensors).items():
+            # Nearest resize of the full-resolution mask; the batch dim rides in the channel
+            # slot of interpolate: (1, B, H, W) -> (1, B, H_l, W_l) -> (B, H_l, W_l).
+            m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out[name] = NestedTensor(x, m)
+        return out
+
+
+class Backbone(BackboneBase):
+    """torchvision ResNet with FrozenBatchNorm2d, optionally dilated last stage (DC5).
+
+    Args:
+        name: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
+        train_backbone: see ``BackboneBase``.
+        return_interm_layers: see ``BackboneBase``.
+        dilation: replace ``layer4``'s stride by dilation (output stride 16 instead of 32);
+            needs a Bottleneck ResNet (50/101).
+        weights: None (random init) or a local path to a torchvision-format ResNet state dict
+            (``fc.*`` included), loaded strictly before the classifier is dropped.
+
+    Output channels: 512 for resnet18/34, 2048 for resnet50/101 (``num_channels``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        train_backbone: bool,
+        return_interm_layers: bool,
+        dilation: bool,
+        weights: str | os.PathLike | None = None,
+    ):
+        if name not in _NUM_CHANNELS:
+            raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_NUM_CHANNELS)}")
+        if dilation and _NUM_CHANNELS[name] == 512:
+            raise ValueError(f"dilation needs a Bottleneck ResNet (resnet50/101); {name} uses BasicBlock")
+        if weights is not None and not os.path.isfile(weights):
+            raise FileNotFoundError(f"backbone weights file not found: {os.fspath(weights)!r}")
+        resnet = getattr(torchvision.models, name)(
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+        )
+        if weights is not None:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+            # Strict: a wrong file fails here. FrozenBatchNorm2d drops ``num_batches_tracked``.
+            resnet.load_state_dict(state_dict, strict=True)
+        super().__init__(resnet, train_backbone, _NUM_CHANNELS[name], return_interm_layers)
+        self.name = name
+        self.dilation = dilation
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, dilation={self.dilation}, num_channels={self.num_channels}"
+
+
+class Joiner(nn.Sequential):
+    """``Sequential(backbone, position_embedding)`` so state-dict keys are ``0.body.*``
+    (``backbone.0.body.*`` inside ``UniTBaseModel``, as in DETR checkpoints).
+
+    forward(``NestedTensor``) -> ``(features, pos)``: ``features`` is a list of ``NestedTensor``
+    (one per returned layer, shallow to deep) and ``pos`` a list of ``(B, hidden_dim, H_l, W_l)``
+    encodings in each feature map's dtype.
+    """
+
+    def __init__(self, backbone: BackboneBase, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+
+    @property
+    def num_channels(self) -> int:
+        return self[0].num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+        features: list[NestedTensor] = []
+        pos: list[Tensor] = []
+        for x in self[0](tensor_list).values():
+            features.append(x)
+            # Encoding is computed in fp32; cast so autocast/bf16 features add without promotion.
+            pos.append(self[1](x).to(x.tensors.dtype))
+        return features, pos
+
+
+def build_backbone(
+    *,
+    backbone: str = "resnet50",
+    lr_backbone: float = 1e-5,
+    dilation: bool = False,
+    hidden_dim: int = 256,
+    weights: str | os.PathLike | None = None,
+) -> Joiner:
+    """UniT/DETR image backbone: last ResNet stage only + ``PositionEmbeddingSine(hidden_dim // 2,
+    normalize=True)`` (MMF ``build_unit_convnet_backbone``). ``lr_backbone <= 0`` freezes it all."""
+    if hidden_dim % 4:
+        # hidden_dim // 2 features per axis, and each axis interleaves sin/cos pairs.
+        raise ValueError(f"hidden_dim must be a multiple of 4, got {hidden_dim}")
+    body = Backbone(
+        backbone,
+        train_backbone=lr_backbone > 0,
+        return_interm_layers=False,
+        dilation=dilation,
+        weights=weights,
+    )
+    return Joiner(body, PositionEmbeddingSine(hidden_dim // 2, normalize=True))
+
+
+def load_detr_backbone(
+    joiner: Joiner, state_dict: Mapping[str, Tensor], *, prefix: str = "backbone.", strict: bool = True
+):
+    """Load the ``{prefix}0.body.*`` tensors of a DETR/UniT state dict into ``joiner``.
+
+    MMF's ``base_ckpt_load_backbone_only``: every other key (transformer, heads, ...) is
+    ignored. Pass the checkpoint's ``"model"`` entry; for an MMF UniT state dict use
+    ``prefix="unit_base_model.backbone."``.
+
+    Returns:
+        ``torch.nn.modules.module._IncompatibleKeys(missing_keys, unexpected_keys)`` in the
+        joiner's key space (``0.body.*``). With ``strict`` (default) any missing or unexpected
+        key raises RuntimeError instead; shape mismatches always raise.
+
+    Raises:
+        ValueError: no key of ``state_dict`` starts with ``{prefix}0.body.`` (wrong dict or prefix).
+    """
+    body_prefix = prefix + "0.body."
+    sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(body_prefix)}
+    if not sub:
+        hint = " (pass checkpoint['model'])" if "model" in state_dict else ""
+        raise ValueError(f"no '{body_prefix}*' keys in the state dict{hint}")
+    return joiner.load_state_dict(sub, strict=strict)

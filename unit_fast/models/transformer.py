@@ -1,0 +1,263 @@
+"""UniT's transformer: DETR's encoder/decoder layers plus MMF's multimodal ``UniTTransformer``.
+
+Written from the facts of MMF ``mmf/models/unit/transformer.py`` (itself DETR's
+``models/transformer.py`` with multimodal logic), see ``shared/reference/unit_mmf_detr.md``
+sections 1.4 and 5.  Module names, parameter names, defaults, initialisation order and the
+layout of every tensor are the reference's, so MMF state dicts load strictly.
+
+Changes from the reference:
+- attention modules are ``torch.nn.MultiheadAttention`` here; ``unit_fast.patch_attention``
+  turns them into the fused drop-in (``UniT(backend="fast")`` does), same parameters;
+- ``pass_pos_and_query=False`` (unused by every UniT config) raises instead of being
+  half-supported.
+
+Layouts (DETR's, sequence-first): ``src (S, B, d)``, ``pos (S, B, d)``,
+``key_padding_mask (B, S)`` bool with ``True`` = padding; ``hs (num_layers, B, Q, d)``.
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _get_clones(module, n):
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+
+
+def _get_activation_fn(activation):
+    if activation == "relu":
+        return F.relu
+    if activation == "gelu":
+        return F.gelu
+    if activation == "glu":
+        return F.glu
+    raise ValueError(f"activation should be relu/gelu/glu, not {activation!r}")
+
+
+def _with_pos(tensor, pos):
+    return tensor if pos is None else tensor + pos
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Self-attention + FFN, post-norm (``normalize_before=False``, the default) or pre-norm.
+    Positions are added to queries and keys, never to values, in every layer."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 normalize_before=False):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = _get_activation_fn(activation)
+        self.normalize_before = normalize_before
+
+    def _ffn(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+    def forward(self, src: Tensor, src_mask=None, src_key_padding_mask=None, pos=None) -> Tensor:
+        if self.normalize_before:
+            x = self.norm1(src)
+            q = k = _with_pos(x, pos)
+            src = src + self.dropout1(self.self_attn(q, k, value=x, attn_mask=src_mask,
+                                                     key_padding_mask=src_key_padding_mask)[0])
+            return src + self.dropout2(self._ffn(self.norm2(src)))
+        q = k = _with_pos(src, pos)
+        src2 = self.self_attn(q, k, value=src, attn_mask=src_mask, key_padding_mask=src_key_padding_mask)[0]
+        src = self.norm1(src + self.dropout1(src2))
+        return self.norm2(src + self.dropout2(self._ffn(src)))
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Self-attention over the queries, cross-attention into the memory, FFN."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 normalize_before=False):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.activation = _get_activation_fn(activation)
+        self.normalize_before = normalize_before
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, pos=None, query_pos=None):
+        pre = self.normalize_before
+        x = self.norm1(tgt) if pre else tgt
+        q = k = _with_pos(x, query_pos)
+        tgt = tgt + self.dropout1(self.self_attn(q, k, value=x, attn_mask=tgt_mask,
+                                                 key_padding_mask=tgt_key_padding_mask)[0])
+        if not pre:
+            tgt = self.norm1(tgt)
+        x = self.norm2(tgt) if pre else tgt
+        tgt = tgt + self.dropout2(self.multihead_attn(query=_with_pos(x, query_pos), key=_with_pos(memory, pos),
+                                                      value=memory, attn_mask=memory_mask,
+                                                      key_padding_mask=memory_key_padding_mask)[0])
+        if not pre:
+            tgt = self.norm2(tgt)
+        x = self.norm3(tgt) if pre else tgt
+        tgt = tgt + self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+        return tgt if pre else self.norm3(tgt)
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, encoder_layer, num_layers, norm=None):
+        super().__init__()
+        self.layers = _get_clones(encoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, pos=None):
+        output = src
+        for layer in self.layers:
+            output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask, pos=pos)
+        return output if self.norm is None else self.norm(output)
+
+
+class TransformerDecoder(nn.Module):
+    """Stacked decoder layers; with ``return_intermediate`` the normed output of every layer,
+    ``(num_layers, Q, B, d)`` (what the auxiliary losses read)."""
+
+    def __init__(self, decoder_layer, num_layers, norm=None, return_intermediate=False):
+        super().__init__()
+        self.layers = _get_clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+        self.return_intermediate = return_intermediate
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, pos=None, query_pos=None):
+        output = tgt
+        intermediate = []
+        for layer in self.layers:
+            output = layer(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                           tgt_key_padding_mask=tgt_key_padding_mask,
+                           memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos)
+            if self.return_intermediate:
+                intermediate.append(output if self.norm is None else self.norm(output))
+        if self.return_intermediate:
+            return torch.stack(intermediate)  # (num_layers, Q, B, d)
+        output = output if self.norm is None else self.norm(output)
+        return output.unsqueeze(0)  # (1, Q, B, d)
+
+
+def build_decoder(d_model, nhead, dim_feedforward, dropout, num_layers, normalize_before):
+    layer = TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, "relu", normalize_before)
+    return TransformerDecoder(layer, num_layers, nn.LayerNorm(d_model), return_intermediate=True)
+
+
+class UniTTransformer(nn.Module):
+    """MMF's ``Transformer`` + ``UniTTransformer``: the image encoder, the projections to the
+    decoder width, and one decoder shared by every dataset or one per dataset.
+
+    Args (``cfg``, a mapping): ``encoder_hidden_dim``, ``decoder_hidden_dim``, ``dropout``,
+    ``nheads``, ``dim_feedforward``, ``enc_layers``, ``dec_layers``, ``pre_norm``,
+    ``pass_pos_and_query``, ``share_decoders``, ``residual_in_encoder``,
+    ``use_task_embedding_in_img_encoder``, ``max_task_num``; ``datasets``: ``{task_type:
+    [dataset names]}``, the decoders to build.
+
+    Initialisation follows the reference's order: xavier-uniform on every >1-D parameter of
+    the encoder, projections and shared decoder; the per-dataset decoders and the task
+    embedding, created afterwards, keep PyTorch's default initialisation, and each separate
+    decoder's layers start identical (deep copies of one layer).
+    """
+
+    def __init__(self, cfg, datasets):
+        super().__init__()
+        if not cfg.get("pass_pos_and_query", True):
+            raise ValueError("UniTTransformer: pass_pos_and_query=False is not supported (no UniT config uses it)")
+        d_enc, d_dec = cfg["encoder_hidden_dim"], cfg["decoder_hidden_dim"]
+        self.d_model_enc, self.d_model_dec = d_enc, d_dec
+        self.nhead = cfg["nheads"]
+        layer = TransformerEncoderLayer(d_enc, cfg["nheads"], cfg["dim_feedforward"], cfg["dropout"], "relu",
+                                        cfg["pre_norm"])
+        self.encoder = TransformerEncoder(layer, cfg["enc_layers"], nn.LayerNorm(d_enc) if cfg["pre_norm"] else None)
+        self.enc2dec_proj = nn.Linear(d_enc, d_dec) if d_enc != d_dec else nn.Identity()
+        self.pos_embed_proj = nn.Linear(d_enc, d_dec) if d_enc != d_dec else nn.Identity()
+        self.share_decoders = cfg["share_decoders"]
+        decoder_args = (d_dec, cfg["nheads"], cfg["dim_feedforward"], cfg["dropout"], cfg["dec_layers"],
+                        cfg["pre_norm"])
+        if self.share_decoders:
+            self.decoder = build_decoder(*decoder_args)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+        self.decoders = nn.ModuleDict({
+            task: nn.ModuleDict({ds: self.decoder if self.share_decoders else build_decoder(*decoder_args)
+                                 for ds in names})
+            for task, names in datasets.items()
+        })
+        self.residual_in_encoder = cfg.get("residual_in_encoder", True)
+        self.mem_out_begin_idx = 0
+        if cfg.get("use_task_embedding_in_img_encoder", False):
+            self.task_embeddings_enc = nn.Embedding(cfg.get("max_task_num", 256), d_enc)
+            self.mem_out_begin_idx = 1  # the task token is dropped from the encoder's output
+
+    def _encode_image(self, img_src, img_mask, img_pos, task_idx):
+        """``(memory (HW, B, d_dec), pos (HW, B, d_dec), mask (B, HW))`` of ``img_src (B, d_enc, H, W)``."""
+        B = img_src.shape[0]
+        src = img_src.flatten(2).permute(2, 0, 1)  # (HW, B, d_enc)
+        pos = img_pos.flatten(2).permute(2, 0, 1)  # (HW, B, d_enc)
+        mask = img_mask.flatten(1)  # (B, HW)
+        if self.mem_out_begin_idx:  # prepend the task token: zero position, never padding
+            token = self.task_embeddings_enc.weight[task_idx].view(1, 1, -1).expand(1, B, -1)
+            enc_src = torch.cat([token.to(src.dtype), src])  # (1 + HW, B, d_enc)
+            enc_pos = torch.cat([torch.zeros_like(pos[:1]), pos])
+            enc_mask = torch.cat([mask.new_zeros(B, 1), mask], dim=1)
+        else:
+            enc_src, enc_pos, enc_mask = src, pos, mask
+        memory = self.encoder(enc_src, src_key_padding_mask=enc_mask, pos=enc_pos)[self.mem_out_begin_idx:]
+        if self.residual_in_encoder:
+            memory = src + memory
+        return self.enc2dec_proj(memory), self.pos_embed_proj(pos), mask
+
+    def forward(self, img_src=None, img_mask=None, img_pos=None, text_src=None, text_mask=None, text_pos=None,
+                query_embed=None, task_type=None, dataset_name=None, task_idx=None):
+        """Returns ``(hs (dec_layers, B, Q, d_dec), memory (B, d_dec, S))``.
+
+        Args:
+            img_src: ``(B, d_enc, H, W)`` projected image features, ``img_mask (B, H, W)`` bool
+                (True = padding), ``img_pos (B, d_enc, H, W)``; or None (GLUE).
+            text_src: ``(B, L, d_dec)``, ``text_mask (B, L)`` with 1 = token, 0 = padding (BERT's
+                ``input_mask``), ``text_pos (L, d_dec)``; or None (detection).
+            query_embed: ``(Q, d_dec)`` the dataset's query embeddings.
+        """
+        memories, positions, masks = [], [], []
+        if img_src is not None:
+            memory, pos, mask = self._encode_image(img_src, img_mask, img_pos, task_idx)
+            memories.append(memory)
+            positions.append(pos)
+            masks.append(mask)
+        if text_src is not None:
+            B = text_src.shape[0]
+            memories.append(text_src.permute(1, 0, 2))  # (L, B, d_dec)
+            positions.append(text_pos.unsqueeze(1).expand(-1, B, -1))  # (L, B, d_dec)
+            masks.append(text_mask != 1)  # (B, L): True = padding
+        if not memories:
+            raise ValueError("UniTTransformer: needs an image or a text input")
+        memory, pos, mask = torch.cat(memories), torch.cat(positions), torch.cat(masks, dim=1)
+        B = memory.shape[1]
+        query_pos = query_embed.unsqueeze(1).expand(-1, B, -1)  # (Q, B, d_dec)
+        tgt = torch.zeros_like(query_pos)
+        try:
+            decoder = self.decoders[task_type][dataset_name]
+        except KeyError:
+            raise ValueError(f"UniTTransformer: no decoder for task {task_type!r}, dataset {dataset_name!r}; "
+                             f"built: { {t: list(d) for t, d in self.decoders.items()} }") from None
+        hs = decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos, query_pos=query_pos)
+        return hs.transpose(1, 2), memory.permute(1, 2, 0)

@@ -1,0 +1,308 @@
+"""UniT (Hu & Singh 2021) as MMF defines it: ``UniTBaseModel`` (image side + transformer +
+query embeddings) and ``UniT`` (BERT, task heads, losses).
+
+Written from the facts of MMF ``mmf/models/unit/{unit.py, unit_base_model.py}``
+(``shared/reference/unit_mmf_detr.md`` sections 1.2, 1.3, 2).  Module and parameter names are
+MMF's, so ``state_dict()`` keys are MMF's, duplicate aliases included.
+
+One model code, two execution paths over the same parameters (``backend``):
+  ``"reference"``  ``torch.nn.MultiheadAttention``, a scipy matcher per decoder layer, torch
+                   box losses: MMF's numerics.
+  ``"fast"``       unit_fast's fused attention (``patch_attention(drop_weights=True)``), one
+                   batched matching solve for every decoder layer, fused box losses, no host sync
+                   in the detection loss.
+The path can be switched after construction with ``set_backend``; parameters never change.
+
+Deliberate differences from MMF: batches may hold several images of different sizes (padded,
+each with its mask), which MMF's one-image-per-GPU runs never exercised; targets are passed as
+lists of dicts, not pickled byte tensors.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+from unit_fast.models.backbone import build_backbone
+from unit_fast.models.criterion import build_detection_loss
+from unit_fast.models.heads import MLP, AttributeHead
+from unit_fast.models.misc import NestedTensor
+from unit_fast.models.text_encoder import BertTextEncoder
+from unit_fast.models.transformer import UniTTransformer
+from unit_fast.nn import patch_attention
+
+TASK_TYPES = ("detection", "vl", "glue")
+BACKENDS = ("reference", "fast")
+
+
+class UniTBaseModel(nn.Module):
+    """Backbone + ``input_proj`` + ``UniTTransformer`` + per-dataset query embeddings.
+
+    ``cfg``: the ``base_args`` mapping (``backbone``, ``lr_backbone``, ``dilation``,
+    ``backbone_weights``, ``encoder_hidden_dim``, ``decoder_hidden_dim``, ``num_queries``
+    ``{task: {dataset: Q}}``, and the transformer's keys).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone = build_backbone(backbone=cfg["backbone"], lr_backbone=cfg["lr_backbone"],
+                                       dilation=cfg["dilation"], hidden_dim=cfg["encoder_hidden_dim"],
+                                       weights=cfg.get("backbone_weights"))
+        datasets = {task: list(qs) for task, qs in cfg["num_queries"].items()}
+        self.transformer = UniTTransformer(cfg, datasets)
+        d_dec = cfg["decoder_hidden_dim"]
+        self.num_queries = cfg["num_queries"]
+        self.query_embeds = nn.ModuleDict({
+            task: nn.ModuleDict({ds: nn.Embedding(q, d_dec) for ds, q in qs.items()})
+            for task, qs in cfg["num_queries"].items()
+        })
+        self.input_proj = nn.Conv2d(self.backbone.num_channels, cfg["encoder_hidden_dim"], kernel_size=1)
+
+    def forward(self, img_src, text_src=None, text_mask=None, text_pos=None, output_hidden_states_only=False,
+                task_type="detection", dataset_name="detection_coco", task_idx=None):
+        """``{"hidden_states": (dec_layers, B, Q, d_dec)}``.
+
+        ``img_src``: a ``NestedTensor`` (padded ``(B, 3, H, W)`` + mask), a list of ``(3, H_i, W_i)``
+        images, a ``(B, 3, H, W)`` tensor of same-size images, or None (GLUE).
+        """
+        img_feat = img_mask = img_pos = None
+        if img_src is not None:
+            if not isinstance(img_src, NestedTensor):
+                img_src = NestedTensor.from_tensor_list(list(img_src))
+            features, pos = self.backbone(img_src)
+            src, img_mask = features[-1].decompose()
+            img_feat, img_pos = self.input_proj(src), pos[-1]
+        query_embed = self.query_embeds[task_type][dataset_name].weight
+        hs, _ = self.transformer(img_feat, img_mask, img_pos, text_src, text_mask, text_pos, query_embed,
+                                 task_type=task_type, dataset_name=dataset_name, task_idx=task_idx)
+        if hs.shape[2] != self.num_queries[task_type][dataset_name]:
+            raise RuntimeError(f"UniTBaseModel: {hs.shape[2]} queries out, expected "
+                               f"{self.num_queries[task_type][dataset_name]}")
+        return {"hidden_states": hs}
+
+
+def _classifier(d_dec, num_labels, bert_config):
+    """MMF's ``Sequential(BertPredictionHeadTransform(hidden_size=d_dec), Linear(d_dec, num_labels))``."""
+    cfg = bert_config.__class__(**{**bert_config.to_dict(), "hidden_size": d_dec})
+    return nn.Sequential(BertPredictionHeadTransform(cfg), nn.Linear(d_dec, num_labels))
+
+
+class UniT(nn.Module):
+    """The whole model: ``forward(sample)`` for any configured dataset.
+
+    ``cfg`` (a mapping, see ``unit_fast/configs/defaults.yaml``): ``base_args``, ``heads``
+    ``{task: {dataset: {task_idx, num_classes|num_labels, use_attr, loss_type}}}``, ``bert``
+    ``{pretrained, config}``, ``keep_only_bert_cls``, ``use_task_embedding_in_lang_encoder``,
+    ``max_task_num``, ``detection_loss_weight``, ``loss_on_all_hs``, ``predict_attributes``,
+    ``backend``.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        base = cfg["base_args"]
+        self.unit_base_model = UniTBaseModel(base)
+        self.bert_model = BertTextEncoder(cfg["bert"].get("pretrained"), cfg["bert"].get("config"))
+        bert_hidden = self.bert_model.config.hidden_size
+        d_dec = base["decoder_hidden_dim"]
+        self.bert_projection = nn.Linear(bert_hidden, d_dec)
+        self.bert_pos_projection = nn.Linear(bert_hidden, d_dec)
+        self.use_task_embedding_in_lang_encoder = cfg["use_task_embedding_in_lang_encoder"]
+        self.task_embeddings_lang = (nn.Embedding(cfg["max_task_num"], bert_hidden)
+                                     if self.use_task_embedding_in_lang_encoder else nn.Identity())
+        # Heads for the datasets the model has queries for (``num_queries``), configured in ``heads``.
+        heads = {task: {ds: self._head_cfg(cfg, task, ds) for ds in qs}
+                 for task, qs in base["num_queries"].items()}
+        self.heads = heads
+        self.class_embeds, self.bbox_embeds, self.det_losses = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
+        for ds, h in heads.get("detection", {}).items():
+            n_cls = h["num_classes"]
+            self.class_embeds[ds] = nn.Linear(d_dec, n_cls + 1)
+            self.bbox_embeds[ds] = MLP(d_dec, d_dec, 4, 3)
+            attr_head = (AttributeHead(n_cls, base["attribute_class_num"], d_dec) if h.get("use_attr", False)
+                         else None)
+            self.det_losses[ds] = build_detection_loss(
+                n_cls, set_cost_class=base["set_cost_class"], set_cost_bbox=base["set_cost_bbox"],
+                set_cost_giou=base["set_cost_giou"], bbox_loss_coef=base["bbox_loss_coef"],
+                giou_loss_coef=base["giou_loss_coef"], attr_loss_coef=base["attr_loss_coef"],
+                eos_coef=base["eos_coef"], dec_layers=base["dec_layers"], aux_loss=base["aux_loss"],
+                use_bcl=base["use_bcl"], attribute_head=attr_head,
+                attribute_class_num=base["attribute_class_num"], max_attribute_num=base["max_attribute_num"])
+        self.classifiers = nn.ModuleDict()
+        for task in ("vl", "glue"):
+            if heads.get(task):
+                self.classifiers[task] = nn.ModuleDict({
+                    ds: _classifier(d_dec, h["num_labels"], self.bert_model.config) for ds, h in heads[task].items()})
+        self.dropout = nn.Dropout(cfg.get("classifier_dropout", 0.1))
+        self.backend = None
+        self.set_backend(cfg.get("backend", "reference"))
+
+    @staticmethod
+    def _head_cfg(cfg, task, ds):
+        if task not in TASK_TYPES:
+            raise ValueError(f"UniT: num_queries has task type {task!r}; expected one of {TASK_TYPES}")
+        try:
+            return cfg["heads"][task][ds]
+        except KeyError:
+            raise ValueError(f"UniT: dataset {ds!r} has queries but no model.heads.{task}.{ds} entry") from None
+
+    # -- execution path ------------------------------------------------------------------------
+
+    def set_backend(self, backend, *, kernel_backend=None):
+        """Switch between ``"reference"`` and ``"fast"`` in place (same parameters).
+
+        ``kernel_backend`` (fast path only) forces the attention and box-loss kernels'
+        backend, e.g. ``"triton"`` to run the Triton kernels through the interpreter on CPU
+        (tests); None = each op's default for the device."""
+        if backend not in BACKENDS:
+            raise ValueError(f"UniT: backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        fast = backend == "fast"
+        if fast:
+            patch_attention(self.unit_base_model, drop_weights=True, backend=kernel_backend)
+        else:  # back to torch's own class: same parameters, torch's forward
+            for m in self.unit_base_model.modules():
+                if isinstance(m, nn.MultiheadAttention) and type(m) is not nn.MultiheadAttention:
+                    m.__class__ = nn.MultiheadAttention
+        for crit in self.det_losses.values():
+            crit.backend = backend
+            crit.box_loss_backend = kernel_backend if fast else None
+            # Reference: MMF's per-image scipy solves and CPU indices; fast: one batched solve
+            # on the device, indices kept there (no host sync).
+            crit.matcher.keep_on_device = fast
+            crit.matcher.backend = None if fast else "reference"
+        return self
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def task_type(self, dataset_name):
+        for task in ("vl", "glue", "detection"):
+            if dataset_name in self.heads.get(task, {}):
+                return task
+        raise ValueError(f"UniT: unknown dataset {dataset_name!r}; this model has: "
+                         f"{ {t: list(h) for t, h in self.heads.items()} }")
+
+    def forward_bert_with_task_idx(self, sample, task_idx):
+        """``(sequence_output (B, L, H_bert), pos_embeddings (L, H_bert))`` as MMF computes them:
+        an optional task token (the raw embedding row) prepended before BERT's encoder and
+        dropped after; the positions are BERT's learned position table rows ``0 .. L-1``."""
+        bert = self.bert_model.module
+        input_ids, input_mask = sample["input_ids"], sample["input_mask"]
+        segment_ids = sample.get("segment_ids")
+        if segment_ids is None:
+            segment_ids = torch.zeros_like(input_ids)
+        L = input_ids.shape[1]
+        position_ids = torch.arange(L, device=input_ids.device).unsqueeze(0)  # (1, L)
+        emb = bert.embeddings(input_ids=input_ids, position_ids=position_ids, token_type_ids=segment_ids)
+        mask = input_mask
+        if self.use_task_embedding_in_lang_encoder:
+            token = self.task_embeddings_lang.weight[task_idx].view(1, 1, -1).expand(emb.shape[0], 1, -1)
+            emb = torch.cat([token.to(emb.dtype), emb], dim=1)  # (B, 1 + L, H_bert)
+            mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        extended = (1.0 - mask[:, None, None, :].to(emb.dtype)) * -10000.0  # (B, 1, 1, L'): MMF's additive mask
+        out = bert.encoder(emb, attention_mask=extended)[0]
+        if self.use_task_embedding_in_lang_encoder:
+            out = out[:, 1:]
+        pos = bert.embeddings.position_embeddings.weight[:L]  # (L, H_bert)
+        return out, pos
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(self, sample):
+        """One batch of one dataset (under ``torch.autocast`` when ``model.autocast_dtype`` is set
+        and the path is ``fast``: e.g. ``bfloat16`` on GPUs; the losses stay float32).
+
+        ``sample`` (a mapping): ``dataset_name``; ``dataset_type`` (``"train"``/``"val"``/
+        ``"test"``, default ``"train"``); ``image`` (see ``UniTBaseModel.forward``) for detection
+        and vl; ``input_ids``, ``input_mask``, optional ``segment_ids`` ``(B, L)`` for vl and glue;
+        ``targets``: detection, a list of B dicts (``labels (T_i,)``, ``boxes (T_i, 4)``
+        normalised cxcywh, optional ``attributes (T_i, 16)``); vl/glue, ``(B, num_labels)`` soft
+        scores (BCE heads) or ``(B,)`` class indices (CE heads).  Without targets no loss is made.
+
+        Returns: detection ``{hidden_states, pred_logits, pred_boxes, hs_for_attr, [aux_outputs],
+        [losses], [attr_logits]}``; vl/glue ``{scores, [losses]}``; loss keys
+        ``"{dataset_type}/{dataset_name}/{loss}"``.
+        """
+        amp = self.cfg.get("autocast_dtype")
+        if amp and self.backend == "fast":
+            device_type = next(self.parameters()).device.type
+            with torch.autocast(device_type, dtype=getattr(torch, amp)):
+                return self._forward(sample)
+        return self._forward(sample)
+
+    def _forward(self, sample):
+        ds = sample["dataset_name"]
+        task = self.task_type(ds)
+        head = self.heads[task][ds]
+        text_src = text_mask = text_pos = None
+        if task in ("vl", "glue"):
+            text_src, text_pos = self.forward_bert_with_task_idx(sample, head["task_idx"])
+            text_src, text_pos = self.bert_projection(text_src), self.bert_pos_projection(text_pos)
+            text_mask = sample["input_mask"]
+            if self.cfg["keep_only_bert_cls"].get(task, {}).get(ds, False):  # the CLS token only
+                text_src, text_pos, text_mask = text_src[:, :1], text_pos[:1], text_mask[:, :1]
+        img_src = sample["image"] if task in ("vl", "detection") else None
+        out = self.unit_base_model(img_src, text_src, text_mask, text_pos, task_type=task, dataset_name=ds,
+                                   task_idx=head["task_idx"])
+        if task == "detection":
+            return self._detection(out["hidden_states"], sample, ds)
+        return self._classification(out["hidden_states"], sample, task, ds)
+
+    def _detection(self, hs, sample, ds):
+        split = sample.get("dataset_type", "train")
+        logits = self.class_embeds[ds](hs)  # (dec_layers, B, Q, C + 1)
+        boxes = self.bbox_embeds[ds](hs).sigmoid()  # (dec_layers, B, Q, 4): normalised cxcywh
+        out = {"hidden_states": hs, "pred_logits": logits[-1], "pred_boxes": boxes[-1], "hs_for_attr": hs[-1]}
+        if split != "test":
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b, "hs_for_attr": h}
+                                  for a, b, h in zip(logits[:-1], boxes[:-1], hs[:-1])]
+            if sample.get("targets") is not None:
+                crit = self.det_losses[ds]
+                loss_dict = crit(out, sample["targets"])
+                weight = self.cfg["detection_loss_weight"]
+                out["losses"] = {f"{split}/{ds}/{k}": loss_dict[k] * w * weight
+                                 for k, w in crit.weight_dict.items() if k in loss_dict}
+        head = self.det_losses[ds].attribute_head
+        if head is not None and self.cfg["predict_attributes"]:
+            labels = logits[-1][..., :-1].argmax(-1)  # the most likely real class per query
+            out["attr_logits"] = head(hs[-1], labels)
+        return out
+
+    def _classification(self, hs, sample, task, ds):
+        split = sample.get("dataset_type", "train")
+        num_queries = self.unit_base_model.num_queries[task][ds]
+        layers = hs if self.cfg["loss_on_all_hs"] else hs[-1:]
+        losses = {}
+        scores = None
+        head = self.heads[task][ds]
+        for idx, layer_hs in enumerate(layers):
+            pooled = self.dropout(layer_hs[:, -num_queries, :])  # query 0: (B, d_dec)
+            scores = self.classifiers[task][ds](pooled)  # (B, num_labels)
+            targets = sample.get("targets")
+            if targets is not None:
+                if head.get("loss_type", "ce") == "bce":
+                    loss = F.binary_cross_entropy_with_logits(scores, targets.to(scores.dtype))
+                    if ds == "vqa2":
+                        loss = loss * targets.shape[1]  # MMF: mean BCE x num answers
+                else:
+                    loss = F.cross_entropy(scores, targets)
+                losses[f"{split}/{ds}/loss_{idx}"] = loss
+        out = {"scores": scores}
+        if losses:
+            out["losses"] = losses
+        return out
+
+
+def build_model(cfg):
+    """``UniT`` from a loaded config (``unit_fast.load_config``); with ``model.base_ckpt_path``
+    set, the base model (or only its backbone, ``base_ckpt_load_backbone_only``) starts from
+    that local DETR / UniT checkpoint, as MMF's ``build`` does."""
+    from unit_fast.models.checkpoint import load_base_checkpoint
+
+    mcfg = cfg["model"] if "model" in cfg else cfg
+    model = UniT(mcfg)
+    if mcfg.get("base_ckpt_path"):
+        report = load_base_checkpoint(model, mcfg["base_ckpt_path"], mcfg.get("base_ckpt_load_backbone_only", False))
+        if report.unexpected or (report.missing and mcfg.get("base_ckpt_load_backbone_only", False)):
+            raise RuntimeError(f"base checkpoint does not fit the model:\n{report}")
+    return model
