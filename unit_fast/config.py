@@ -94,7 +94,7 @@ def parse_override(text):
     return key.split("."), value
 
 
-def load_config(name_or_path="default", overrides=()):
+def load_config(name_or_path, overrides=()):
     """The merged config dict of a packaged config name or a YAML path, plus ``overrides``."""
     cfg, _ = _read("defaults")
     cfg.pop("base", None)
