@@ -413,3 +413,65 @@ def unit_step_batch(setting, batch_size, device="cpu", seed=SEED):
         sample["segment_ids"] = torch.zeros(batch_size, L, dtype=torch.long).to(device)
         sample["targets"] = torch.rand(batch_size, 3129, generator=gen).to(device)
     return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: JPEG decode + DETR's test resize (shorter side 800, longer at most 1333) + ImageNet
+# normalisation, COCO-sized images generated here (bench_decode.py).
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    """JPEGs of ``H x W`` pixels, ``images_per_step`` per timed call on CPU (small, so a CPU
+    run stays short) and ``images_per_step_cuda`` on CUDA (a training step's worth and more)."""
+
+    name: str
+    H: int
+    W: int
+    images_per_step: int
+    images_per_step_cuda: int
+    where: str
+
+    def as_dict(self):
+        return {"H": self.H, "W": self.W}
+
+
+DECODE_SHAPES = {
+    s.name: s
+    for s in (
+        DecodeShape("coco_640x480", 480, 640, 4, 128,
+                    "a typical COCO image (640 x 480), resized up to 800 x 1066"),
+        DecodeShape("coco_1333x800", 800, 1333, 4, 64,
+                    "a large image already at DETR's test size (1333 x 800)"),
+    )
+}
+DECODE_JPEG_QUALITY = 90  # about what COCO's Flickr JPEGs use
+
+
+def decode_jpegs(shape, num_images, seed=SEED):
+    """``num_images`` distinct baseline JPEGs (4:2:0, ``DECODE_JPEG_QUALITY``) of ``shape``:
+    smooth colour gradients, a few flat rectangles and pixel noise, so the entropy decoder does
+    about the work a photo costs (flat images decode unrealistically fast)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : shape.H, 0 : shape.W].astype(np.float32)  # [H, W] each
+    out = []
+    for _ in range(num_images):
+        freq = rng.uniform(0.005, 0.03, size=(3, 2))
+        phase = rng.uniform(0, 6.3, size=3)
+        base = np.stack([127 + 90 * np.sin(x * fx + y * fy + p) for (fx, fy), p in zip(freq, phase, strict=True)], -1)
+        noisy = base + rng.normal(0, 12, size=base.shape)  # [H, W, 3]
+        image = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, shape.W - 40)), int(rng.integers(0, shape.H - 40))
+            x1, y1 = x0 + int(rng.integers(20, shape.W // 3)), y0 + int(rng.integers(20, shape.H // 3))
+            draw.rectangle([x0, y0, x1, y1], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=DECODE_JPEG_QUALITY)
+        out.append(buf.getvalue())
+    return out

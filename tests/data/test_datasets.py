@@ -1,0 +1,110 @@
+"""End to end: the synthetic generator's files, read by the real readers, turned into batches by
+the datasets and the collator, accepted by UniT (every task type), plus bad-image handling."""
+
+import pytest
+import torch
+
+import unit_fast
+from unit_fast.data import decode
+from unit_fast.data.datasets import (
+    BatchCollator,
+    DetectionDataset,
+    EntailmentDataset,
+    ImageSizes,
+    TextDataset,
+    VQADataset,
+)
+from unit_fast.data.readers.coco import read_coco_detection
+from unit_fast.data.readers.glue import read_glue
+from unit_fast.data.readers.snli_ve import read_snli_ve
+from unit_fast.data.readers.vqa2 import read_vqa2
+from unit_fast.data.synthetic import generate
+from unit_fast.data.text import load_tokenizer
+
+SIZES = ImageSizes(train_scales=(96, 112, 128), max_size=200, test_size=128, crop_scales=(96, 112),
+                   crop_size=(64, 96))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    info = generate(root, seed=0, num_train=12, num_val=4, image_size=128)
+    return root, info
+
+
+def _datasets(root):
+    tok = load_tokenizer(str(root / "vocab.txt"))
+    det = read_coco_detection(root / "coco/annotations/instances_train2017.json", root / "coco/train2017")
+    vqa, vocab = read_vqa2(root / "vqa2/v2_OpenEnded_mscoco_train2014_questions.json",
+                           root / "vqa2/v2_mscoco_train2014_annotations.json", root / "coco/train2017",
+                           dense_scores=False)
+    ve = read_snli_ve(root / "snli_ve/snli_ve_train.jsonl", root / "snli_ve/images")
+    sst2 = read_glue("SST-2", root / "glue/SST-2/train.tsv")
+    qnli = read_glue("QNLI", root / "glue/QNLI/train.tsv")
+    return tok, vocab, {
+        "detection_coco": DetectionDataset(det, "detection_coco", train=True, sizes=SIZES),
+        "vqa2": VQADataset(vqa, "vqa2", tok, max_length=20, answer_vocab=vocab, sizes=SIZES),
+        "visual_entailment": EntailmentDataset(ve, "visual_entailment", tok, max_length=20, sizes=SIZES),
+        "glue_sst2": TextDataset(sst2, "glue_sst2", tok, max_length=24),
+        "glue_qnli": TextDataset(qnli, "glue_qnli", tok, max_length=24),
+    }
+
+
+def _model_for(tok, vocab):
+    cfg = unit_fast.load_config("tiny", [
+        "model.heads.detection.detection_coco.num_classes=7",
+        f"model.heads.vl.vqa2.num_labels={len(vocab)}",
+        f"model.bert.config.vocab_size={len(tok)}",
+    ])
+    torch.manual_seed(0)
+    return unit_fast.build_model(cfg)
+
+
+@pytest.mark.parametrize("backend", decode.available_backends("cpu"))
+def test_generator_readers_datasets_and_model(synthetic, backend):
+    root, _ = synthetic
+    tok, vocab, datasets = _datasets(root)
+    model = _model_for(tok, vocab)
+    for name, ds in datasets.items():
+        assert len(ds) > 0, name
+        batch = BatchCollator(name, backend=backend)([ds[i] for i in range(3)])
+        assert batch["dataset_name"] == name and batch["skipped"] == 0
+        if name in ("detection_coco", "vqa2", "visual_entailment"):
+            images = batch["image"]
+            assert images.tensors.shape[:2] == (3, 3) and images.mask.shape[0] == 3
+            assert min(images.tensors.shape[-2:]) >= 64
+        if name == "detection_coco":
+            for t in batch["targets"]:
+                assert t["boxes"].dtype == torch.float32 and ((t["boxes"] >= 0) & (t["boxes"] <= 1)).all()
+                assert set(t["labels"].tolist()) <= {1, 3, 6}  # the raw, non-contiguous category ids
+        else:
+            assert batch["input_ids"].shape[0] == 3
+        out = model(batch)
+        assert out["losses"] and all(torch.isfinite(v) for v in out["losses"].values()), name
+
+
+def test_train_plans_are_reproducible_per_epoch(synthetic):
+    root, _ = synthetic
+    _, _, datasets = _datasets(root)
+    ds = datasets["detection_coco"]
+    a = [ds[i]["plan"] for i in range(6)]
+    assert a == [ds[i]["plan"] for i in range(6)]
+    ds.set_epoch(1)
+    assert a != [ds[i]["plan"] for i in range(6)]
+
+
+def test_bad_image_raises_naming_the_file_or_is_skipped_and_counted(synthetic, tmp_path):
+    root, _ = synthetic
+    _, _, datasets = _datasets(root)
+    ds = datasets["detection_coco"]
+    items = [ds[i] for i in range(3)]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(open(items[1]["image_path"], "rb").read()[:200])  # truncated JPEG
+    items[1] = dict(items[1], image_path=str(bad))
+    with pytest.raises(ValueError, match="broken.jpg"):
+        BatchCollator("detection_coco")(items)
+    batch = BatchCollator("detection_coco", on_error="skip")(items)
+    assert batch["skipped"] == 1 and batch["image"].tensors.shape[0] == 2 and len(batch["targets"]) == 2
+    items[1] = dict(items[1], image_path=str(tmp_path / "missing.jpg"))
+    with pytest.raises((ValueError, FileNotFoundError), match="missing.jpg"):
+        BatchCollator("detection_coco")(items)

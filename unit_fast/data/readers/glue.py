@@ -1,0 +1,110 @@
+"""GLUE TSV files (the GLUE download: ``SST-2/``, ``QNLI/``, ``QQP/``, ``MNLI/``) -> ``TextRecord``.
+
+Columns are found by name in each file's header row, so train/dev files (with labels) and test
+files (without) read alike.  Fields are split on tabs with no quote handling (``csv.QUOTE_NONE``
+semantics): GLUE text contains unbalanced ``"`` that a quoting reader would swallow across lines.
+
+Label indices follow MMF, which reads GLUE through HF ``datasets`` (``load_dataset("glue", ...)``)
+so that UniT checkpoints' GLUE heads keep their meaning:
+
+- SST-2: ``label`` 0 negative, 1 positive;
+- QNLI: entailment 0, not_entailment 1;
+- QQP: ``is_duplicate`` 0 / 1;
+- MNLI: entailment 0, neutral 1, contradiction 2 (HF ``datasets`` order, also
+  ``ENTAILMENT_LABELS``; not the ``contradiction, entailment, neutral`` order of the old
+  ``transformers`` GLUE processors).
+"""
+
+import os
+
+from ..records import TextRecord
+from . import finish_report, gc_paused, start_report
+
+_BINARY = {"0": 0, "1": 1}
+
+# task -> (text_a column, text_b column or None, label column, label map)
+GLUE_TASKS = {
+    "sst2": ("sentence", None, "label", _BINARY),
+    "qnli": ("question", "sentence", "label", {"entailment": 0, "not_entailment": 1}),
+    "qqp": ("question1", "question2", "is_duplicate", _BINARY),
+    "mnli": ("sentence1", "sentence2", "gold_label", {"entailment": 0, "neutral": 1, "contradiction": 2}),
+}
+_INDEX_COLUMNS = ("index", "id")
+
+
+def _task_name(task):
+    """A ``GLUE_TASKS`` key from e.g. "SST-2", "glue_sst2" or "mnli_mismatched"."""
+    name = task.lower().replace("-", "").replace("_", "").removeprefix("glue")
+    name = "mnli" if name.startswith("mnli") else name
+    if name not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {task!r}; known: {sorted(GLUE_TASKS)}")
+    return name
+
+
+@gc_paused()
+def read_glue(task, tsv_path, *, on_error="raise", report=None):
+    """Read one GLUE TSV file.
+
+    Args:
+        task: ``"sst2"``, ``"qnli"``, ``"qqp"`` or ``"mnli"`` (also accepted: ``"SST-2"``,
+            ``"glue_qnli"``, ``"mnli_mismatched"``, ...).  MNLI files: ``train.tsv``,
+            ``dev_matched.tsv``, ``dev_mismatched.tsv``, ``test_*.tsv``.
+        tsv_path: the file; its first row is the header.
+        on_error, report: see ``unit_fast.data.readers``.  Malformed: a row whose column count
+            differs from the header's (the real QQP ``train.tsv`` has such rows), or an unknown
+            label.  MNLI rows with ``gold_label`` ``"-"`` are counted in
+            ``report.dropped["no_gold_label"]``.
+
+    Returns:
+        ``list[TextRecord]`` in file order: ``text_a``, ``text_b`` (None for SST-2), ``label``
+        int (module docstring; -1 when the file has no label column, i.e. test files) and
+        ``index`` (the ``index``/``id`` column, else the 0-based data row number, as str).
+
+    Raises:
+        ValueError: missing columns, or malformed rows under ``on_error="raise"``, naming the
+            file and the 1-based line number.
+    """
+    col_a, col_b, col_label, label_map = GLUE_TASKS[_task_name(task)]
+    path = os.fspath(tsv_path)
+    report, skipped_before = start_report(report, on_error)
+    records = []
+    # newline="\n": split rows on \n only; a stray \r inside a field must not start a new row.
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+        columns = {name: i for i, name in enumerate(header)}
+        missing = [c for c in (col_a, col_b) if c is not None and c not in columns]
+        if missing:
+            raise ValueError(f"{path}: header has no column(s) {missing} for GLUE task {task!r}: {header}")
+        i_a = columns[col_a]
+        i_b = columns[col_b] if col_b is not None else None
+        i_label = columns.get(col_label)  # None: a test file
+        i_index = next((columns[c] for c in _INDEX_COLUMNS if c in columns), None)
+        for row_number, line in enumerate(f):
+            lineno = row_number + 2  # 1-based, after the header
+            line = line.rstrip("\r\n")
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != len(header):
+                report.bad(on_error, f"{path}:{lineno}: {len(fields)} columns, header has {len(header)}")
+                continue
+            label = -1
+            if i_label is not None:
+                value = fields[i_label]
+                if value == "-" and col_label == "gold_label":
+                    report.dropped["no_gold_label"] += 1
+                    continue
+                if value not in label_map:
+                    report.bad(on_error, f"{path}:{lineno}: unknown {col_label} {value!r}")
+                    continue
+                label = label_map[value]
+            records.append(
+                TextRecord(
+                    text_a=fields[i_a],
+                    text_b=fields[i_b] if i_b is not None else None,
+                    label=label,
+                    index=fields[i_index] if i_index is not None else str(row_number),
+                )
+            )
+    finish_report(report, skipped_before, path)
+    return records

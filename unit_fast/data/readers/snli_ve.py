@@ -1,0 +1,67 @@
+"""SNLI-VE JSONL (``snli_ve_{train,dev,test}.jsonl``) -> ``EntailmentRecord``.
+
+Each line is one JSON object; the fields used are ``Flikr30kID`` (sic: the real field name, e.g.
+``"2248275918.jpg"``), ``sentence2`` (the hypothesis) and ``gold_label``.  The premise is the
+Flickr30k image; ``sentence1`` (its caption) is not used, as in MMF's visual entailment dataset.
+"""
+
+import json
+import os
+
+from ..records import ENTAILMENT_LABELS, EntailmentRecord
+from . import finish_report, gc_paused, start_report
+
+_LABELS = {name: i for i, name in enumerate(ENTAILMENT_LABELS)}  # entailment 0, neutral 1, contradiction 2
+
+
+@gc_paused()
+def read_snli_ve(jsonl_path, image_dir, *, on_error="raise", report=None):
+    """Read an SNLI-VE split.
+
+    Args:
+        jsonl_path: the JSONL file.
+        image_dir: the Flickr30k image folder; ``image_path`` = ``image_dir/Flikr30kID`` (not opened).
+        on_error, report: see ``unit_fast.data.readers``.  Malformed: a line that is not a JSON
+            object, or lacks a string ``Flikr30kID`` / ``sentence2`` / ``gold_label``.
+
+    Returns:
+        ``list[EntailmentRecord]`` in file order; ``image_id`` = the file name without extension
+        (str); ``label`` int per ``ENTAILMENT_LABELS``.  Lines whose ``gold_label`` is none of
+        the three (SNLI's ``"-"``: no annotator majority) are left out and counted in
+        ``report.dropped["no_gold_label"]``.  Blank lines are ignored.
+
+    Raises:
+        ValueError: under ``on_error="raise"``, naming the file and the 1-based line number.
+    """
+    path, image_dir = os.fspath(jsonl_path), os.fspath(image_dir)
+    report, skipped_before = start_report(report, on_error)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                report.bad(on_error, f"{path}:{lineno}: malformed JSON ({exc})")
+                continue
+            fields = ("Flikr30kID", "sentence2", "gold_label")
+            missing = [k for k in fields if not isinstance(obj, dict) or not isinstance(obj.get(k), str)]
+            if missing:
+                report.bad(on_error, f"{path}:{lineno}: missing or non-string field(s) {missing}")
+                continue
+            label = _LABELS.get(obj["gold_label"])
+            if label is None:
+                report.dropped["no_gold_label"] += 1
+                continue
+            file_name = obj["Flikr30kID"]
+            records.append(
+                EntailmentRecord(
+                    image_path=os.path.join(image_dir, file_name),
+                    image_id=os.path.splitext(file_name)[0],
+                    hypothesis=obj["sentence2"],
+                    label=label,
+                )
+            )
+    finish_report(report, skipped_before, path)
+    return records
