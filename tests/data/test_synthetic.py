@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unit_fast.data.synthetic import CATEGORIES, COLORS, NUM_CLASSES, generate, vqa_accuracy
+from unit_fast.data.synthetic import CATEGORIES, COLORS, NUM_CLASSES, _vqa_accuracy, generate
 
 SMALL = dict(num_train=10, num_val=4, image_size=96)
 # Shape pixels are strongly saturated, backgrounds near-grey (see COLORS in synthetic.py).
@@ -100,12 +100,21 @@ def test_regenerate_removes_stale_images(tmp_path):
 def test_layout(data):
     root = Path(data["root"])
     for rel in (
-        "coco/annotations/instances_train2017.json", "coco/annotations/instances_val2017.json",
-        "vqa2/v2_OpenEnded_mscoco_train2014_questions.json", "vqa2/v2_OpenEnded_mscoco_val2014_questions.json",
-        "vqa2/v2_mscoco_train2014_annotations.json", "vqa2/v2_mscoco_val2014_annotations.json",
-        "snli_ve/snli_ve_train.jsonl", "snli_ve/snli_ve_dev.jsonl",
-        "glue/SST-2/train.tsv", "glue/SST-2/dev.tsv", "glue/QNLI/train.tsv", "glue/QNLI/dev.tsv",
-        "vocab.txt", "README.md", "summary.json",
+        "coco/annotations/instances_train2017.json",
+        "coco/annotations/instances_val2017.json",
+        "vqa2/v2_OpenEnded_mscoco_train2014_questions.json",
+        "vqa2/v2_OpenEnded_mscoco_val2014_questions.json",
+        "vqa2/v2_mscoco_train2014_annotations.json",
+        "vqa2/v2_mscoco_val2014_annotations.json",
+        "snli_ve/snli_ve_train.jsonl",
+        "snli_ve/snli_ve_dev.jsonl",
+        "glue/SST-2/train.tsv",
+        "glue/SST-2/dev.tsv",
+        "glue/QNLI/train.tsv",
+        "glue/QNLI/dev.tsv",
+        "vocab.txt",
+        "README.md",
+        "summary.json",
     ):
         assert (root / rel).is_file(), rel
     assert len(list((root / "coco/train2017").glob("*.jpg"))) == 40
@@ -168,7 +177,8 @@ def test_boxes_tight(data, coco):
                 assert np.abs(np.subtract(found, (x, y, x + w, y + h))).max() <= EDGE_TOL, (im, a, found)
                 # The shape fills its box: the inner part of each drawn shape is saturated.
                 assert shape_px[y + h // 2, x + w // 2]
-                covered[max(0, y - EDGE_TOL) : y + h + EDGE_TOL, max(0, x - EDGE_TOL) : x + w + EDGE_TOL] = True
+                t = EDGE_TOL
+                covered[max(0, y - t) : y + h + t, max(0, x - t) : x + w + t] = True
             assert not (shape_px & ~covered).any(), im
 
 
@@ -193,7 +203,7 @@ def test_vqa_format_and_consistency(data, coco):
             assert votes.most_common(1)[0][0] == answer and votes[answer] >= 7
             assert set(votes) <= set(summary["answers"])
             assert a["answer_type"] in ("yes/no", "number", "other")
-            assert vqa_accuracy([x["answer"] for x in a["answers"]], answer) == 1.0
+            assert _vqa_accuracy([x["answer"] for x in a["answers"]], answer) == 1.0
 
             shapes = [x for x in anns.get(q["image_id"], []) if not x["iscrowd"]]
             names = [CATEGORIES[x["category_id"]] for x in shapes]
@@ -220,7 +230,7 @@ def test_vqa_format_and_consistency(data, coco):
                 kind, expect = "position", names[_extreme(shapes, words[-1])]
             elif text.startswith("Is there a"):
                 kind = "yes/no"
-                expect = "yes" if (words[3], words[4]) in set(zip(colors, names)) else "no"
+                expect = "yes" if (words[3], words[4]) in set(zip(colors, names, strict=True)) else "no"
             elif text.startswith("Are there any"):
                 kind, expect = "yes/no", "yes" if words[3][:-1] in names else "no"
             else:
@@ -247,11 +257,45 @@ def _extreme(shapes, side):
 
 
 def test_vqa_accuracy_rule():
-    assert vqa_accuracy(["2"] * 10, "2") == 1.0
-    assert vqa_accuracy(["2"] * 10, "3") == 0.0
+    assert _vqa_accuracy(["2"] * 10, "2") == 1.0
+    assert _vqa_accuracy(["2"] * 10, "3") == 0.0
     # One annotator said "3": 9 leave-one-out subsets hold it once (1/3), one holds it never.
-    assert vqa_accuracy(["2"] * 9 + ["3"], "3") == pytest.approx(0.3)
-    assert vqa_accuracy(["2"] * 7 + ["3"] * 3, "3") == pytest.approx(0.9)
+    assert _vqa_accuracy(["2"] * 9 + ["3"], "3") == pytest.approx(0.3)
+    assert _vqa_accuracy(["2"] * 7 + ["3"] * 3, "3") == pytest.approx(0.9)
+
+
+def test_real_readers_read_it_back(data, coco):
+    """The project's readers take the files as they are: crowd boxes dropped, answers as written."""
+    from unit_fast.data.readers import ReadReport
+    from unit_fast.data.readers.coco import read_coco_detection
+    from unit_fast.data.readers.glue import read_glue
+    from unit_fast.data.readers.snli_ve import read_snli_ve
+    from unit_fast.data.readers.vqa2 import read_vqa2
+
+    files, summary = data["files"], data["summary"]
+    report = ReadReport()
+    recs = read_coco_detection(
+        files["coco"]["train_annotations"], files["coco"]["train_images"], report=report
+    )
+    anns = coco["train"][0]["annotations"]
+    assert len(recs) == 40 and report.dropped["crowd"] == sum(a["iscrowd"] for a in anns) >= 1
+    assert sum(len(r.labels) for r in recs) == summary["detection_coco"]["train_boxes"]
+    assert all(Path(r.image_path).is_file() and set(r.labels.tolist()) <= {1, 3, 6} for r in recs)
+
+    vqa, vocab = read_vqa2(
+        files["vqa2"]["train_questions"], files["vqa2"]["train_annotations"], files["vqa2"]["train_images"]
+    )
+    assert set(vocab) <= set(summary["vqa2"]["answers"]) and len(vqa) == summary["vqa2"]["questions"]["train"]
+    assert all(Path(r.image_path).is_file() and r.scores.max() == 1.0 for r in vqa)
+
+    ve = read_snli_ve(files["snli_ve"]["dev"], files["snli_ve"]["images"])
+    assert len(ve) == summary["snli_ve"]["pairs"]["dev"] and all(Path(r.image_path).is_file() for r in ve)
+    assert Counter(r.label for r in ve) == {0: len(ve) // 3, 1: len(ve) // 3, 2: len(ve) // 3}
+
+    for task, key in (("SST-2", "sst2"), ("QNLI", "qnli")):
+        rows = read_glue(task, files["glue"][key]["dev"])
+        assert len(rows) == summary[f"glue_{key}"]["examples"]["dev"]
+        assert Counter(r.label for r in rows) == {0: len(rows) // 2, 1: len(rows) // 2}
 
 
 def test_snli_ve(data):
@@ -272,8 +316,10 @@ def test_snli_ve(data):
         per_caption = Counter((r["captionID"], r["gold_label"]) for r in rows)
         assert set(per_caption.values()) == {1}
         # Entailed and contradicted hypotheses are worded alike: the same first words.
-        starts = {g: Counter(" ".join(r["sentence2"].split()[:2]) for r in rows if r["gold_label"] == g)
-                  for g in ("entailment", "contradiction")}
+        starts = {
+            g: Counter(" ".join(r["sentence2"].split()[:2]) for r in rows if r["gold_label"] == g)
+            for g in ("entailment", "contradiction")
+        }
         assert len(set(starts["entailment"]) & set(starts["contradiction"])) >= 3
 
 
@@ -320,8 +366,10 @@ def test_glue(data):
             if task == "qnli":
                 assert [r[0] for r in rows[1:]] == [str(i) for i in range(n)]
         # No example is in both splits (QNLI compared without its index column).
-        train, dev = ({tuple(r[-3:] if task == "qnli" else r) for r in _tsv(data["files"]["glue"][task][s])[1:]}
-                      for s in ("train", "dev"))
+        train, dev = (
+            {tuple(r[-3:] if task == "qnli" else r) for r in _tsv(data["files"]["glue"][task][s])[1:]}
+            for s in ("train", "dev")
+        )
         assert not train & dev
 
 
@@ -347,7 +395,9 @@ def test_vocab_covers_every_text(data):
 
     texts = {"vqa2": [], "snli_ve": [], "pair": [], "single": []}
     for split in ("train", "val"):
-        texts["vqa2"] += [q["question"] for q in _load(data["files"]["vqa2"][f"{split}_questions"])["questions"]]
+        texts["vqa2"] += [
+            q["question"] for q in _load(data["files"]["vqa2"][f"{split}_questions"])["questions"]
+        ]
     for split in ("train", "dev"):
         for line in Path(data["files"]["snli_ve"][split]).read_text().splitlines():
             r = json.loads(line)
@@ -362,7 +412,7 @@ def test_vocab_covers_every_text(data):
             enc = tok([a for a, _ in items], [b for _, b in items])
         else:
             enc = tok(items)
-        for ids, text in zip(enc["input_ids"], items):
+        for ids, text in zip(enc["input_ids"], items, strict=True):
             assert unk not in ids, text
             if kind in ("vqa2", "snli_ve"):  # MMF's max_seq_length 25 for these tasks
                 assert len(ids) <= 25, text
@@ -382,8 +432,12 @@ def test_summary_chance_levels(data):
 
 def test_cli_matches_function(tmp_path):
     args = ["--seed", "1", "--num-train", "6", "--num-val", "3", "--image-size", "96"]
-    res = subprocess.run([sys.executable, "-m", "unit_fast.data.synthetic", "--out", str(tmp_path / "cli"), *args],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "unit_fast.data.synthetic", "--out", str(tmp_path / "cli"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "chance" in res.stdout
     generate(tmp_path / "fn", seed=1, num_train=6, num_val=3, image_size=96)
