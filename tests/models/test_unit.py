@@ -282,3 +282,22 @@ def test_fast_path_under_bf16_autocast():
         for k in r:
             assert torch.isfinite(f[k]) and f[k].dtype == torch.float32
             torch.testing.assert_close(f[k], r[k], rtol=5e-2, atol=5e-2, msg=k)
+
+
+def test_bert_path_equals_hf_bert_and_padding_does_not_leak():
+    """Without the language task token, MMF's embeddings-then-encoder path with its additive
+    mask gives HF ``BertModel``'s own output on every real token, and a padded token's id never
+    changes the others."""
+    model = _model(overrides=["model.use_task_embedding_in_lang_encoder=false"]).eval()
+    text = _text()
+    with torch.no_grad():
+        ours, pos = model.forward_bert_with_task_idx(text, 0)
+        hf = model.bert_model.module(input_ids=text["input_ids"], attention_mask=text["input_mask"],
+                                     token_type_ids=text["segment_ids"]).last_hidden_state
+        changed = dict(text, input_ids=text["input_ids"].clone())
+        changed["input_ids"][1, 6] = 3  # a padding position of sequence 1
+        ours2, _ = model.forward_bert_with_task_idx(changed, 0)
+    real = text["input_mask"].bool()
+    torch.testing.assert_close(ours[real], hf[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours2[real], ours[real])
+    assert pos.shape == (7, 32)
