@@ -24,6 +24,7 @@ pycocotools ``COCOeval(iouType="bbox")``.  VQA uses the official soft accuracy o
 (nothing to score), never a failure.
 """
 
+import abc
 import contextlib
 import io
 import math
@@ -39,18 +40,18 @@ from unit_fast.models.postprocess import PostProcess
 NAN = float("nan")
 
 
-class _Evaluator:
+class _Evaluator(abc.ABC):
     """Common interface: ``update(...)``, ``compute() -> dict``, ``reset()``, ``state()``,
     ``merge(state)``."""
 
-    def reset(self):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def reset(self): ...
 
-    def state(self):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state(self): ...
 
-    def merge(self, other_state):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def merge(self, other_state): ...
 
 
 def _to_numpy(x):

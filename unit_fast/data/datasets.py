@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from unit_fast.data import decode
@@ -82,20 +83,25 @@ class DetectionDataset(_Base):
         return [r.height / r.width for r in self.records]
 
 
-class _TextMixin:
+class _TextBase(_Base):
+    """A dataset with text: ``tokenizer`` and ``max_length`` tokens (MMF's BERT layout)."""
+
+    def __init__(self, records, dataset_name, tokenizer, *, max_length, **kw):
+        super().__init__(records, dataset_name, **kw)
+        self.tokenizer, self.max_length = tokenizer, max_length
+
     def _text(self, text_a, text_b=None):
         return encode(self.tokenizer, text_a, text_b, max_length=self.max_length)
 
 
-class VQADataset(_Base, _TextMixin):
+class VQADataset(_TextBase):
     """VQAv2: the test resize (MMF applies no augmentation), question tokens (``max_length`` 25),
     soft answer scores ``(num_answers,)`` as targets: the record's, or computed per item from its
     raw answers and ``answer_vocab`` (records read with ``dense_scores=False``: 12.5 KB less per
     question).  Image sizes are read from the file header (no full decode)."""
 
     def __init__(self, records, dataset_name, tokenizer, *, max_length=25, answer_vocab=None, **kw):
-        super().__init__(records, dataset_name, **kw)
-        self.tokenizer, self.max_length = tokenizer, max_length
+        super().__init__(records, dataset_name, tokenizer, max_length=max_length, **kw)
         self.vocab_index = None if answer_vocab is None else {a: i for i, a in enumerate(answer_vocab)}
 
     def __getitem__(self, index):
@@ -111,12 +117,11 @@ class VQADataset(_Base, _TextMixin):
         return item
 
 
-class EntailmentDataset(_Base, _TextMixin):
+class EntailmentDataset(_TextBase):
     """SNLI-VE: image premise, hypothesis tokens, label 0/1/2."""
 
     def __init__(self, records, dataset_name, tokenizer, *, max_length=25, **kw):
-        super().__init__(records, dataset_name, **kw)
-        self.tokenizer, self.max_length = tokenizer, max_length
+        super().__init__(records, dataset_name, tokenizer, max_length=max_length, **kw)
 
     def __getitem__(self, index):
         r = self.records[index]
@@ -125,12 +130,11 @@ class EntailmentDataset(_Base, _TextMixin):
                 "plan": _test_plan_from_file(r.image_path, self.sizes)}
 
 
-class TextDataset(_Base, _TextMixin):
+class TextDataset(_TextBase):
     """GLUE: ``text_a`` (and ``text_b``) tokens (``max_length`` 128, MMF's GLUE setting), label."""
 
     def __init__(self, records, dataset_name, tokenizer, *, max_length=128, **kw):
-        super().__init__(records, dataset_name, **kw)
-        self.tokenizer, self.max_length = tokenizer, max_length
+        super().__init__(records, dataset_name, tokenizer, max_length=max_length, **kw)
 
     def __getitem__(self, index):
         r = self.records[index]
@@ -138,8 +142,11 @@ class TextDataset(_Base, _TextMixin):
 
 
 def _test_plan_from_file(path, sizes):
-    data, name = decode.read_image_bytes(path)
-    h, w = decode.image_size(data, name)
+    """The test plan of an image whose size the annotations do not give (VQAv2, SNLI-VE): PIL
+    parses the header only, so the file is not read twice (the collator reads and checks it
+    whole when it decodes; a missing file raises FileNotFoundError naming it)."""
+    with Image.open(path) as im:
+        w, h = im.size
     return plan_detr_test(h, w, sizes.test_size, sizes.max_size)
 
 

@@ -11,26 +11,10 @@ import os
 import torch
 from transformers import BertTokenizerFast
 
+from unit_fast._local_files import resolve_local
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a written vocab
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
-
-
-def _resolve(path_or_name):
-    """A local directory or vocab file for ``path_or_name``, or FileNotFoundError."""
-    path = os.path.expanduser(os.fspath(path_or_name))
-    if os.path.isfile(path) or os.path.isdir(path):
-        return path
-    if os.sep not in path and not path.startswith("."):
-        try:  # a model name: only its copy in the local Hugging Face cache
-            from huggingface_hub import snapshot_download
-
-            return snapshot_download(path, local_files_only=True)
-        except Exception:  # LocalEntryNotFoundError and friends: not cached
-            pass
-    raise FileNotFoundError(
-        f"tokenizer: {path_or_name!r} is neither a local vocab.txt / tokenizer directory nor a model in the "
-        "local Hugging Face cache; unit_fast never downloads"
-    )
 
 
 def load_tokenizer(path_or_name):
@@ -46,7 +30,7 @@ def load_tokenizer(path_or_name):
             ``from_pretrained(..., local_files_only=True)`` on a name it cannot find quietly
             returns a tokenizer with only the special tokens.)
     """
-    path = _resolve(path_or_name)
+    path = resolve_local(path_or_name, "tokenizer")
     if os.path.isfile(path):
         return BertTokenizerFast(vocab=path, do_lower_case=True)
     if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):

@@ -124,6 +124,20 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
+    def set_backend(self, backend, box_loss_backend=None):
+        """Switch paths in place: ``"reference"`` matches per layer with scipy (CPU indices);
+        ``"fast"`` solves every layer at once on the device and keeps the indices there."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "fast" and not hasattr(self.matcher, "match_all"):
+            raise TypeError("backend='fast' needs a matcher with match_all (unit_fast.HungarianMatcher)")
+        self.backend, self.box_loss_backend = backend, box_loss_backend
+        if hasattr(self.matcher, "keep_on_device"):
+            self.matcher = copy.copy(self.matcher)  # shallow: a caller's matcher keeps its settings
+            self.matcher.keep_on_device = backend == "fast"
+            self.matcher.backend = None if backend == "fast" else "reference"
+        return self
+
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
                 f"backend={self.backend!r}")

@@ -165,12 +165,7 @@ class UniT(nn.Module):
                 if isinstance(m, nn.MultiheadAttention) and type(m) is not nn.MultiheadAttention:
                     m.__class__ = nn.MultiheadAttention
         for crit in self.det_losses.values():
-            crit.backend = backend
-            crit.box_loss_backend = kernel_backend if fast else None
-            # Reference: MMF's per-image scipy solves and CPU indices; fast: one batched solve
-            # on the device, indices kept there (no host sync).
-            crit.matcher.keep_on_device = fast
-            crit.matcher.backend = None if fast else "reference"
+            crit.set_backend(backend, kernel_backend if fast else None)
         return self
 
     # -- inputs --------------------------------------------------------------------------------
