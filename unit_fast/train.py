@@ -11,17 +11,17 @@ and exits with status 2, no traceback.
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
 from unit_fast.config import load_config
 from unit_fast.training import checkpoint as ckpt
+from unit_fast.training.batches import to_device
+from unit_fast.training.evaluation_loop import chance_levels, evaluate_datasets, format_table
 from unit_fast.training.optim import build_optimizer, warmup_cosine
 from unit_fast.training.sampling import TaskSampler, task_probabilities
 from unit_fast.training.streams import BatchStream
@@ -47,22 +47,6 @@ def _device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("training.device=cuda but no CUDA device is available")
     return torch.device(name)
-
-
-def _to(x, device):
-    """Moves a batch to ``device`` (``non_blocking`` only on CUDA)."""
-    from unit_fast.models.misc import NestedTensor
-
-    nb = device.type == "cuda"
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=nb)
-    if isinstance(x, NestedTensor):
-        return x.to(device, non_blocking=nb)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_to(v, device) for v in x]
-    return x
 
 
 def _configure_model(cfg, data):
@@ -167,7 +151,7 @@ class Trainer:
         dataset = self.data.train[ds]
         batch = self.collators[ds]([dataset[i] for i in idx])
         self.skipped_images += batch.pop("skipped", 0)
-        return _to(batch, self.device)
+        return to_device(batch, self.device)
 
     def train_step(self):
         """One optimizer update (``accumulate`` micro-batches of one task).  Returns the task and the
@@ -235,85 +219,10 @@ class Trainer:
             bar.close()
 
 
-SUMMARY_KEYS = {"visual_entailment": "snli_ve"}
-METRIC = {"detection": "AP50"}
-
-
-def _headline(ds):
-    return METRIC["detection"] if ds.startswith("detection") else "accuracy"
-
-
-def chance_levels(root):
-    """``{dataset: chance of the headline metric}`` from the synthetic dataset's summary.json."""
-    path = None if root is None else os.path.join(root, "summary.json")
-    if path is None or not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        summary = json.load(f)
-    out = {}
-    for ds in ("detection_coco", "vqa2", "visual_entailment", "glue_sst2", "glue_qnli"):
-        chance = summary.get(SUMMARY_KEYS.get(ds, ds), {}).get("chance", {})
-        if ds.startswith("detection"):
-            out[ds] = chance.get("AP50")
-        elif ds == "vqa2":
-            out[ds] = chance.get("majority_answer_accuracy")
-        elif "majority_accuracy" in chance:
-            out[ds] = chance["majority_accuracy"]
-    return out
-
-
-@torch.no_grad()
 def evaluate(trainer, batch_size=None):
-    """Headline metrics on every val dataset: detection AP / AP50 / AP75 (pycocotools), VQA soft
-    accuracy, accuracy elsewhere.  Each rank scores its share; rank 0 merges (DDP)."""
-    from unit_fast.data.datasets import BatchCollator
-    from unit_fast.evaluation import AccuracyEvaluator, DetectionEvaluator, VQAEvaluator
-
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    bs = batch_size or max(1, trainer.cfg["training"]["batch_size"] // trainer.world)
-    results = {}
-    for ds, dataset in trainer.data.val.items():
-        if ds.startswith("detection"):
-            ev = DetectionEvaluator(dataset.records)
-        elif ds == "vqa2":
-            ev = VQAEvaluator(trainer.data.answer_vocab)
-        else:
-            ev = AccuracyEvaluator()
-        collate = BatchCollator(ds, backend=trainer.cfg["data"]["decode_backend"], dataset_type="val",
-                                on_error=trainer.cfg["data"]["on_error"])
-        indices = list(range(trainer.rank, len(dataset), trainer.world))
-        for start in range(0, len(indices), bs):
-            idx = indices[start:start + bs]
-            batch = _to(collate([dataset[i] for i in idx]), trainer.device)
-            out = model(batch)
-            if ds.startswith("detection"):
-                ev.update(out, batch["targets"])
-            elif ds == "vqa2":
-                ev.update(out["scores"].float().cpu(), [dataset.records[i] for i in idx])
-            else:
-                ev.update(out["scores"].float().cpu(), batch["targets"].cpu())
-        if trainer.distributed:
-            states = [None] * trainer.world
-            dist.all_gather_object(states, ev.state())
-            for st in states[1:] if trainer.rank == 0 else []:
-                ev.merge(st)
-        results[ds] = ev.compute()
-    model.train(was_training)
-    return results
-
-
-def format_table(results, chance):
-    rows = [("task", "metric", "chance", "result")]
-    for ds, metrics in results.items():
-        name = _headline(ds)
-        c = chance.get(ds)
-        rows.append((ds, name, "-" if c is None else f"{c:.3f}", f"{metrics.get(name, float('nan')):.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """``evaluate_datasets`` on the trainer's model and val data."""
+    return evaluate_datasets(trainer.model, trainer.data, trainer.cfg, trainer.device, trainer.rank, trainer.world,
+                             batch_size=batch_size)
 
 
 def main(argv=None):

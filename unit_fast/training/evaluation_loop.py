@@ -1,0 +1,94 @@
+"""The evaluation loop shared by the trainer and ``python -m unit_fast.evaluate``: every val dataset
+scored by its headline metric, the synthetic dataset's chance levels, and the per-task table."""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from unit_fast.training.batches import to_device
+
+
+SUMMARY_KEYS = {"visual_entailment": "snli_ve"}
+METRIC = {"detection": "AP50"}
+
+
+def headline(ds):
+    return METRIC["detection"] if ds.startswith("detection") else "accuracy"
+
+
+def chance_levels(root):
+    """``{dataset: chance of the headline metric}`` from the synthetic dataset's summary.json."""
+    path = None if root is None else os.path.join(root, "summary.json")
+    if path is None or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        summary = json.load(f)
+    out = {}
+    for ds in ("detection_coco", "vqa2", "visual_entailment", "glue_sst2", "glue_qnli"):
+        chance = summary.get(SUMMARY_KEYS.get(ds, ds), {}).get("chance", {})
+        if ds.startswith("detection"):
+            out[ds] = chance.get("AP50")
+        elif ds == "vqa2":
+            out[ds] = chance.get("majority_answer_accuracy")
+        elif "majority_accuracy" in chance:
+            out[ds] = chance["majority_accuracy"]
+    return out
+
+
+@torch.no_grad()
+def evaluate_datasets(model, data, cfg, device, rank=0, world=1, batch_size=None, datasets=None):
+    """Headline metrics on every val dataset of ``data`` (a ``RunData``), or on ``datasets`` (names)
+    only: detection AP / AP50 / AP75 (pycocotools), VQA soft accuracy, accuracy elsewhere.
+    Returns ``{dataset: {metric: float}}``.  Under DDP each rank scores its share; rank 0 merges."""
+    from unit_fast.data.datasets import BatchCollator
+    from unit_fast.evaluation import AccuracyEvaluator, DetectionEvaluator, VQAEvaluator
+
+    distributed = world > 1 and dist.is_initialized()
+    was_training = model.training
+    model.eval()
+    bs = batch_size or max(1, cfg["training"]["batch_size"] // world)
+    results = {}
+    for ds, dataset in data.val.items():
+        if datasets is not None and ds not in datasets:
+            continue
+        if ds.startswith("detection"):
+            ev = DetectionEvaluator(dataset.records)
+        elif ds == "vqa2":
+            ev = VQAEvaluator(data.answer_vocab)
+        else:
+            ev = AccuracyEvaluator()
+        collate = BatchCollator(ds, backend=cfg["data"]["decode_backend"], dataset_type="val",
+                                on_error=cfg["data"]["on_error"])
+        indices = list(range(rank, len(dataset), world))
+        for start in range(0, len(indices), bs):
+            idx = indices[start:start + bs]
+            batch = to_device(collate([dataset[i] for i in idx]), device)
+            out = model(batch)
+            if ds.startswith("detection"):
+                ev.update(out, batch["targets"])
+            elif ds == "vqa2":
+                ev.update(out["scores"].float().cpu(), [dataset.records[i] for i in idx])
+            else:
+                ev.update(out["scores"].float().cpu(), batch["targets"].cpu())
+        if distributed:
+            states = [None] * world
+            dist.all_gather_object(states, ev.state())
+            for st in states[1:] if rank == 0 else []:
+                ev.merge(st)
+        results[ds] = ev.compute()
+    model.train(was_training)
+    return results
+
+
+def format_table(results, chance):
+    rows = [("task", "metric", "chance", "result")]
+    for ds, metrics in results.items():
+        name = headline(ds)
+        c = chance.get(ds)
+        rows.append((ds, name, "-" if c is None else f"{c:.3f}", f"{metrics.get(name, float('nan')):.3f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
