@@ -1,0 +1,172 @@
+"""A trained model back from a checkpoint: shared by ``python -m unit_fast.evaluate`` and
+``python -m unit_fast.predict``.
+
+Two kinds of checkpoint are read:
+
+- **trainer** (``python -m unit_fast.train``): ``{"model", "config", "meta", "step", ...}``.  The
+  config is the run's resolved config; ``overrides`` apply on top of it (e.g. real dataset paths
+  on another machine), or ``--config`` replaces it.  Weights load strictly.
+- **MMF** (``{"model": state_dict, ...}``, or a bare state dict): no unit_fast config (an MMF
+  ``"config"`` is MMF's own layout and is ignored), so ``--config`` is required; weights load
+  through ``load_mmf_checkpoint`` (``detr_model.*`` renames, DDP prefixes).
+
+Weights come from the checkpoint alone: ``model.base_ckpt_path`` and ``backbone_weights`` (which
+only initialise a training run) are not read when the model is built here.  A problem with the
+files or the config raises ``ValueError`` / ``FileNotFoundError`` with a one-line message.  The
+small command-line helpers both commands share (device, output folder, one-line errors) are here too.
+"""
+
+import copy
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import yaml
+
+from unit_fast.config import load_config
+from unit_fast.training import checkpoint as ckpt
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint file read into memory.  ``kind``: ``"trainer"`` or ``"mmf"``; ``state``: the
+    loaded object; ``meta``: the run metadata (``training/metadata.py``) or None."""
+
+    path: str
+    kind: str
+    state: dict
+    meta: dict | None
+    step: int | None
+
+
+def one_line(exc):
+    """An exception's message on one line (multi-line messages joined with ``; ``)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or exc.__class__.__name__
+
+
+def resolve_device(name):
+    """``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"`` -> ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def check_output_folder(path, option):
+    """FileNotFoundError naming ``option`` when the folder ``path`` would be written into is missing
+    (checked before any work, not after it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{option}: folder {folder!r} does not exist")
+
+
+def _is_unit_fast_config(cfg):
+    # unit_fast's config has a "model" section and a "data" section; MMF's has "model": "unit".
+    return isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("data"), dict)
+
+
+def read_checkpoint(path):
+    """Read ``path`` (a checkpoint file, or a run folder: its newest ``checkpoints/`` entry)."""
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        found = ckpt.latest(os.path.join(path, "checkpoints")) or ckpt.latest(path)
+        if found is None:
+            raise FileNotFoundError(f"checkpoint: no checkpoint_*.pt in {path!r} or its checkpoints/ folder")
+        path = found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"checkpoint {path!r} is not a torch checkpoint ({one_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a dict")
+    if "model" in state and _is_unit_fast_config(state.get("config")):
+        return Checkpoint(path, "trainer", state, state.get("meta"), state.get("step"))
+    if "model" in state or all(isinstance(v, torch.Tensor) for v in state.values()):
+        return Checkpoint(path, "mmf", state, None, state.get("num_updates"))
+    raise ValueError(f"checkpoint {path!r} has no 'model' entry and is not a state dict")
+
+
+def _plain(x):
+    """YAML-safe copy: tuples as lists (``yaml.safe_dump`` refuses tuples)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def checkpoint_config(checkpoint, config=None, overrides=()):
+    """The config to rebuild the model with: ``load_config(config, overrides)`` when ``config``
+    is given, else the trainer checkpoint's own config with ``overrides`` on top (validated by
+    ``load_config`` exactly as a config file: unknown keys and bad overrides raise ValueError)."""
+    if config is not None:
+        return load_config(config, overrides)
+    if checkpoint.kind != "trainer":
+        raise ValueError(f"checkpoint {checkpoint.path!r} holds no unit_fast config (an MMF checkpoint?): "
+                         "pass --config NAME|PATH with the model's config")
+    saved = _plain(checkpoint.state["config"])
+    name = saved.pop("config_name", "checkpoint")
+    # Through a temporary YAML file, so the saved config is merged onto defaults.yaml and the
+    # overrides are checked by the one loader every other entry point uses.
+    fd, tmp = tempfile.mkstemp(suffix=".yaml", prefix="unit_fast-checkpoint-config-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(saved, f, sort_keys=False)  # key order is meaningful (dataset order)
+        try:
+            cfg = load_config(tmp, overrides)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace(repr(tmp), f"of checkpoint {checkpoint.path!r}")) from None
+    finally:
+        os.remove(tmp)
+    cfg["config_name"] = name
+    return cfg
+
+
+def model_datasets(cfg):
+    """``{dataset: task type}`` of the datasets the configured model serves."""
+    return {ds: task for task, qs in cfg["model"]["base_args"]["num_queries"].items() for ds in qs}
+
+
+def build_eval_data(cfg, datasets):
+    """``build_data(cfg, datasets)`` with the model config fitted to it as the trainer fits it
+    (vocabulary size, VQA answers).  A real-data config that names no tokenizer at all is refused
+    here with a message (``build_data`` would fail on it with a TypeError)."""
+    from unit_fast.train import _configure_model
+    from unit_fast.training.data import build_data
+
+    d = cfg["data"]
+    if d["root"] is not None and not d["tokenizer"] and not cfg["model"]["bert"]["pretrained"]:
+        raise ValueError("data.root is set but no tokenizer is: set data.tokenizer to the run's vocab.txt "
+                         "(or tokenizer folder)")
+    data = build_data(cfg, datasets)
+    _configure_model(cfg, data)
+    return data
+
+
+def restore_model(checkpoint, cfg, device):
+    """``UniT`` built from ``cfg`` with the checkpoint's weights, on ``device``, in eval mode.
+    A checkpoint that does not fit the config raises ValueError naming the first keys."""
+    from unit_fast.models.checkpoint import load_mmf_checkpoint
+    from unit_fast.models.unit import build_model
+
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg["model"]["base_ckpt_path"] = None
+    build_cfg["model"]["base_args"]["backbone_weights"] = None
+    model = build_model(build_cfg)
+    try:
+        if checkpoint.kind == "trainer":
+            model.load_state_dict(checkpoint.state["model"])
+        else:
+            load_mmf_checkpoint(checkpoint.path, model)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {checkpoint.path!r} does not fit the model of config "
+                         f"{cfg.get('config_name')!r}: {one_line(exc)[:600]}") from None
+    return model.to(device).eval()
