@@ -1,6 +1,8 @@
 """``python -m unit_fast.train``: a CPU smoke run, exact resume, checkpoint hygiene, CLI errors."""
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -12,24 +14,120 @@ from unit_fast.train import Trainer, main
 
 TINY_RUN = [
     "data.synthetic.num_train=16", "data.synthetic.num_val=4", "data.synthetic.image_size=64",
-    "data.image_sizes.train_scales=[64]", "data.image_sizes.test_size=64", "data.image_sizes.crop_scales=[64]",
-    "data.image_sizes.crop_size=[48,64]", "data.image_sizes.max_size=96", "data.decode_backend=pil",
+    "data.image_sizes.train_scales=[64]", "data.image_sizes.test_size=64",
+    "data.image_sizes.crop_scales=[64]", "data.image_sizes.crop_size=[48,64]", "data.image_sizes.max_size=96",
+    "data.decode_backend=pil",
     "training.batch_size=2", "training.log_every=1", "training.warmup_steps=2",
     "model.base_args.dim_feedforward=64", "model.bert.config.intermediate_size=64",
 ]
 
 
+# A smaller run than the default config's, for the trainer's feature tests: two tasks (detection,
+# whose loss all-reduces num_boxes under DDP, and a GLUE task), a frozen backbone (no backbone
+# backward: the cheapest detection step), no dropout (ranks and runs draw no random masks).
+SMALL_CONFIG = """
+model:
+  backend: fast
+  base_args:
+    backbone: resnet18
+    lr_backbone: 0.0
+    enc_layers: 1
+    dec_layers: 2
+    dim_feedforward: 32
+    encoder_hidden_dim: 32
+    decoder_hidden_dim: 32
+    nheads: 2
+    dropout: 0.0
+    share_decoders: true
+    use_task_embedding_in_img_encoder: true
+    max_task_num: 16
+    num_queries: {detection: {detection_coco: 4}, glue: {glue_sst2: 2}}
+  heads:
+    detection:
+      detection_coco: {task_idx: 0, num_classes: 7, use_attr: false}
+  bert:
+    pretrained: null
+    config: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 32,
+             max_position_embeddings: 64, hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}
+  use_task_embedding_in_lang_encoder: true
+  max_task_num: 16
+  classifier_dropout: 0.0
+training:
+  lr: 1.0e-3
+  warmup_steps: 2
+  max_updates: 4
+  batch_size: 4
+  sampling_mode: proportional
+  log_every: 1
+  eval_every: 0
+  checkpoint_every: 1000
+  device: cpu
+data:
+  synthetic: {seed: 0, num_train: 16, num_val: 4, image_size: 64}
+  decode_backend: pil
+  image_sizes: {train_scales: [64], max_size: 96, test_size: 64, crop_scales: [64], crop_size: [48, 64]}
+  text_max_length: {glue_sst2: 16}
+"""
+
+
+# Trainer tests run torch on one intra-op thread, subprocesses too (ONE_THREAD_ENV): on the 2-core
+# CI machine a second OpenMP thread competing with any other busy process makes a step ~50x
+# slower (spinning threads), and runs compared bitwise must use the same thread count anyway.
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def shared_cache(tmp_path_factory):
+    """One synthetic-data cache for all trainer test modules of a session (generated once; the
+    generation is atomic, so a module that finds it half-written cannot happen)."""
+    path = tmp_path_factory.getbasetemp() / "unit_fast_cache"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
+def small_config(directory, cache, *overrides):
+    """``(path, cfg)``: ``SMALL_CONFIG`` written to ``directory/small.yaml``, loaded with the
+    ``cache`` and ``overrides``; pass the path and overrides to the CLI for the same run."""
+    path = os.path.join(str(directory), "small.yaml")
+    with open(path, "w") as f:
+        f.write(SMALL_CONFIG)
+    return path, load_config(path, [f"data.cache_dir={cache}", *overrides])
+
+
+def params(model):
+    """``{name: tensor}`` copies of a model's state dict."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_params(a, b):
+    """Bitwise equality of two state dicts, naming the first differing keys."""
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+    return shared_cache(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 def _cfg(cache, *extra):
     return load_config("default", [f"data.cache_dir={cache}", *TINY_RUN, *extra])
-
-
-def _params(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_resume_continues_exactly(cache, tmp_path):
@@ -37,16 +135,15 @@ def test_resume_continues_exactly(cache, tmp_path):
     (model, optimizer and schedule, task sampler, data streams and every RNG are restored)."""
     straight = Trainer(_cfg(cache, "training.max_updates=4"), str(tmp_path / "a"))
     straight.train(progress=False)
-    first = Trainer(_cfg(cache, "training.max_updates=4", "training.checkpoint_every=2"), str(tmp_path / "b"))
+    every2 = ("training.max_updates=4", "training.checkpoint_every=2")
+    first = Trainer(_cfg(cache, *every2), str(tmp_path / "b"))
     first.train(max_updates=2, progress=False)
-    resumed = Trainer(_cfg(cache, "training.max_updates=4", "training.checkpoint_every=2"), str(tmp_path / "b"),
-                      resume="latest")
+    resumed = Trainer(_cfg(cache, *every2), str(tmp_path / "b"), resume="latest")
     assert resumed.step == 2
     resumed.train(progress=False)
-    a, b = _params(straight.model), _params(resumed.model)
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
-    before = _params(Trainer(_cfg(cache), str(tmp_path / "c")).model)
+    a = params(straight.model)
+    assert_same_params(a, params(resumed.model))
+    before = params(Trainer(_cfg(cache), str(tmp_path / "c")).model)
     assert any(not torch.equal(a[k], before[k]) for k in a)  # training changed the weights
 
 
@@ -75,7 +172,8 @@ def test_cli_errors_are_one_line_and_exit_2(args, message, capsys, tmp_path):
 def test_missing_dataset_path_names_the_key():
     from unit_fast.training.data import _need
 
-    with pytest.raises(FileNotFoundError, match="data.datasets.vqa2.train.questions: '/nope.json' does not exist"):
+    message = "data.datasets.vqa2.train.questions: '/nope.json' does not exist"
+    with pytest.raises(FileNotFoundError, match=message):
         _need({"questions": "/nope.json"}, "questions", "vqa2", "train")
     with pytest.raises(ValueError, match="data.datasets.vqa2.val.images is not set"):
         _need({}, "images", "vqa2", "val")
@@ -84,12 +182,13 @@ def test_missing_dataset_path_names_the_key():
 def test_cli_smoke_run(cache, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "unit_fast.train", "--output-dir", str(tmp_path),
                            f"data.cache_dir={cache}", *TINY_RUN, "training.max_updates=2"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "checkpoint_00000002.pt").exists()
     # The per-task table: every task of the default, its metric, chance level and result.
     lines = proc.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:4] == ["task", "metric", "chance", "result"])
+    columns = ["task", "metric", "chance", "result"]
+    header = next(i for i, line in enumerate(lines) if line.split()[:4] == columns)
     tasks = [line.split()[0] for line in lines[header + 2:header + 7]]
     assert tasks == ["detection_coco", "vqa2", "visual_entailment", "glue_sst2", "glue_qnli"]
     final = json.loads((tmp_path / "final_metrics.json").read_text())

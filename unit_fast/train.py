@@ -3,8 +3,25 @@
 One linear loop (nanoGPT's ``train.py`` shape), numbered:
   1. config, output folder, logging;  2. distributed set-up (torchrun) and seeds;
   3. data (the synthetic default is generated once when ``data.root`` is null);
-  4. model, optimizer, schedule, task sampler;  5. resume;  6. the training loop;
-  7. evaluation and the per-task table.
+  4. model (``training.init_from``: weights from an MMF / unit_fast checkpoint), optimizer,
+     schedule, task sampler, batch loader (``data.num_workers`` DataLoader workers);
+  5. resume;  6. the training loop, evaluating every ``training.eval_every`` steps;
+  7. evaluation (not repeated when the last step just evaluated), the per-task table, plots.
+
+Tasks per update: ``training.tasks_per_step: 1`` is MMF's schedule: every update trains one task
+drawn by the sampler (``accumulate`` micro-batches of it), the same task on every rank.  With
+N > 1 an update draws N tasks (with replacement, so a task can come twice) and accumulates
+``accumulate`` micro-batches of each; the gradient is that of the mean micro-batch loss.
+
+Under DDP (``torchrun``) every rank draws the same tasks (one seeded sampler) and takes its share
+of each global batch (``BatchStream``); gradients are averaged once per update (``no_sync`` before
+the last micro-batch) and the box losses are normalised by the box count all-reduced over ranks
+(DETR).  Two things still make N ranks differ from one process with the same global batch, as in
+DETR / MMF: a batch is padded to its largest image (a rank pads only its share), and the class
+loss is a weighted mean (``eos_coef``) over each rank's share.
+
+Outputs (rank 0): ``checkpoints/``, ``log.jsonl`` and ``tensorboard/`` (``training/report.py``),
+``plots/loss_per_task.png`` and ``plots/metrics.png``, ``final_metrics.json``.
 Bad input (an unknown key, a malformed override, a missing path) prints one ``error:`` line
 and exits with status 2, no traceback.
 """
@@ -14,6 +31,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -22,8 +40,12 @@ from unit_fast.config import load_config
 from unit_fast.training import checkpoint as ckpt
 from unit_fast.training.batches import to_device
 from unit_fast.training.evaluation_loop import chance_levels, evaluate_datasets, format_table
+from unit_fast.training.loader import UpdateLoader
+from unit_fast.training.metadata import run_metadata
 from unit_fast.training.optim import build_optimizer, warmup_cosine
+from unit_fast.training.report import RunLog, plot_log
 from unit_fast.training.sampling import TaskSampler, task_probabilities
+from unit_fast.training.skips import SkippedImages
 from unit_fast.training.streams import BatchStream
 
 
@@ -49,6 +71,24 @@ def _device(name):
     return torch.device(name)
 
 
+def _check_options(cfg):
+    """Options the loop reads directly: a wrong value is a one-line usage error, not a traceback."""
+    t = cfg["training"]
+    for key in ("tasks_per_step", "accumulate", "log_every", "checkpoint_every"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            raise UsageError(f"training.{key} must be an integer >= 1, got {t[key]!r}")
+    if not isinstance(t["eval_every"], int) or t["eval_every"] < 0:
+        raise UsageError(f"training.eval_every must be an integer >= 0 (0: no periodic evaluation), "
+                         f"got {t['eval_every']!r}")
+    amp = cfg["model"]["autocast_dtype"]
+    if amp is not None:
+        if not isinstance(getattr(torch, str(amp), None), torch.dtype):
+            raise UsageError(f"model.autocast_dtype must name a torch dtype (e.g. bfloat16), got {amp!r}")
+        if cfg["model"]["backend"] != "fast":  # UniT.forward autocasts on the fast path only
+            raise UsageError("model.autocast_dtype needs model.backend=fast (the reference path keeps "
+                             "MMF's float32 numerics)")
+
+
 def _configure_model(cfg, data):
     """The model config fitted to the data: vocabulary size, VQA answers."""
     m = cfg["model"]
@@ -62,11 +102,16 @@ def _datasets_of(cfg):
     return [ds for qs in cfg["model"]["base_args"]["num_queries"].values() for ds in qs]
 
 
+def _one_line(exc):
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
 class Trainer:
     def __init__(self, cfg, output_dir, resume=None):
         # 1-2. output, distributed, seeds
         self.cfg, self.out = cfg, output_dir
-        t = cfg["training"]
+        t, data_cfg = cfg["training"], cfg["data"]
+        _check_options(cfg)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.device = _device(t["device"])
         if self.distributed and not dist.is_initialized():
@@ -85,31 +130,40 @@ class Trainer:
         self.data = build_data(cfg, _datasets_of(cfg))
         _configure_model(cfg, self.data)
 
-        # 4. model, optimizer, schedule, sampler
+        # 4. model, optimizer, schedule, sampler, loader
+        from unit_fast.data.datasets import BatchCollator
         from unit_fast.models.unit import build_model
 
         torch.manual_seed(t["seed"])  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.device)
         self.model.set_backend(cfg["model"]["backend"])
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
-                    if self.distributed else None)
+        # A resumed run's weights come from its checkpoint; init_from only starts a new run.
+        init_report = self._init_from(t["init_from"]) if t["init_from"] and resume is None else None
+        # find_unused_parameters: a step trains one task's head and encoder, the rest get no gradient.
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=True) if self.distributed else None)
         lr_backbone = cfg["model"]["base_args"]["lr_backbone"]
-        self.optimizer = build_optimizer(self.model, t["lr"], lr_backbone, t["weight_decay"], t["eps"])
+        self.optimizer = build_optimizer(self.model, t["lr"], lr_backbone, t["weight_decay"], t["eps"],
+                                         name=t["optimizer"])
         self.scheduler = warmup_cosine(self.optimizer, t["warmup_steps"], t["max_updates"])
         sizes = {ds: len(d) for ds, d in self.data.train.items()}
         mode = t["sampling_mode"]
         if mode == "ratios" and not t["sampling"]:
             mode = "proportional"  # MMF's fallback when a config has no multitasking ratios
-        self.sampler = TaskSampler(task_probabilities(sizes, mode, t["sampling"], t["temperature"]), seed=t["seed"])
-        self.streams = {ds: BatchStream(d, ds, t["batch_size"], seed=t["seed"], rank=self.rank, world_size=self.world)
-                        for ds, d in self.data.train.items()}
-        from unit_fast.data.datasets import BatchCollator
-
-        d = cfg["data"]
-        self.collators = {ds: BatchCollator(ds, backend=d["decode_backend"], on_error=d["on_error"])
-                          for ds in self.data.train}
-        self.step, self.skipped_steps, self.skipped_images = 0, 0, 0
-        self.log_path = os.path.join(output_dir, "log.jsonl")
+        probabilities = task_probabilities(sizes, mode, t["sampling"], t["temperature"])
+        self.sampler = TaskSampler(probabilities, seed=t["seed"])
+        self.streams = {ds: BatchStream(d, ds, t["batch_size"], seed=t["seed"], rank=self.rank,
+                                        world_size=self.world) for ds, d in self.data.train.items()}
+        collators = {ds: BatchCollator(ds, backend=data_cfg["decode_backend"], on_error=data_cfg["on_error"])
+                     for ds in self.data.train}
+        self.loader = UpdateLoader(self.data.train, collators, self.sampler, self.streams,
+                                   tasks_per_step=t["tasks_per_step"], accumulate=t["accumulate"],
+                                   num_workers=data_cfg["num_workers"], pin_memory=self.device.type == "cuda",
+                                   seed=t["seed"])
+        self.step, self.skipped_steps = 0, 0
+        self.skipped_images = SkippedImages(self.data.train)
+        self.last_eval = None  # (step, results) of the latest evaluation
 
         # 5. resume
         if resume is not None:
@@ -119,6 +173,29 @@ class Trainer:
             if not os.path.isfile(path):
                 raise UsageError(f"--resume: {path} does not exist")
             self._load(path)
+        self.log = RunLog(output_dir, enabled=self.rank == 0,
+                          resume_step=self.step if resume is not None else None)
+        if self.rank == 0:
+            ckpt.remove_temporaries(os.path.join(output_dir, "checkpoints"))  # left by a run killed mid-save
+        if init_report is not None:
+            self.log.write({"step": 0, "event": "init_from", "path": init_report.path,
+                            "missing": init_report.missing, "unexpected": init_report.unexpected,
+                            "renamed": init_report.renamed, "dropped": init_report.dropped})
+
+    def _init_from(self, path):
+        """``training.init_from``: load an MMF UniT (or unit_fast) checkpoint's weights, non-strictly;
+        missing and unexpected keys are reported (printed, and logged once the log is open)."""
+        from unit_fast.models.checkpoint import load_mmf_checkpoint
+
+        if not os.path.isfile(os.path.expanduser(str(path))):
+            raise UsageError(f"training.init_from: {path} does not exist")
+        try:
+            report = load_mmf_checkpoint(os.path.expanduser(str(path)), self.model, strict=False)
+        except (RuntimeError, ValueError) as exc:  # shape mismatches, not a checkpoint
+            raise UsageError(f"training.init_from: {_one_line(exc)}") from None
+        if self.rank == 0:
+            print(report)
+        return report
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -126,7 +203,9 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "streams": {k: s.state_dict() for k, s in self.streams.items()}, "step": self.step,
-                "skipped_steps": self.skipped_steps, "rng": ckpt.rng_state(), "config": self.cfg}
+                "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images.state_dict(),
+                "rng": ckpt.rng_state(), "config": self.cfg,
+                "meta": run_metadata(self.cfg, self.data)}
 
     def save(self):
         if self.rank == 0:
@@ -141,88 +220,142 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         for k, s in state["streams"].items():
             self.streams[k].load_state_dict(s)
+        self.loader.reset()  # anything prefetched came from the old position
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        if "skipped_images" in state:
+            self.skipped_images.load_state_dict(state["skipped_images"])
         ckpt.set_rng_state(state["rng"])
 
     # -- training ------------------------------------------------------------------------------
 
-    def _batch(self, ds):
-        idx = self.streams[ds].next_indices()
-        dataset = self.data.train[ds]
-        batch = self.collators[ds]([dataset[i] for i in idx])
-        self.skipped_images += batch.pop("skipped", 0)
-        return to_device(batch, self.device)
+    def _sum_over_ranks(self, value):
+        if not self.distributed:
+            return value
+        x = torch.tensor(float(value), device=self.device)
+        dist.all_reduce(x)
+        return x.item()  # host sync: rare (epoch ends, the end of the run)
+
+    def _count_skipped(self, ds, epoch, n):
+        finished = self.skipped_images.add(ds, epoch, n)
+        if finished is not None:  # every rank finishes a dataset's epoch at the same micro-batch
+            name, ep, count = finished
+            self.log.write({"step": self.step + 1, "event": "epoch", "dataset": name, "epoch": ep,
+                            "skipped_images": int(self._sum_over_ranks(count))})
 
     def train_step(self):
-        """One optimizer update (``accumulate`` micro-batches of one task).  Returns the task and the
-        loss dict (floats), or None for a step skipped by the NaN policy."""
+        """One optimizer update: ``tasks_per_step`` tasks x ``accumulate`` micro-batches; the
+        gradient is that of the mean micro-batch loss.  Returns ``(tasks, stats)``: the task names
+        drawn and ``{"loss": (), "task_loss": {ds: ()}, "losses": {key: ()}}`` of detached
+        tensors (``loss`` averaged over ranks), or ``(tasks, None)`` for a step skipped by the
+        NaN policy."""
         t = self.cfg["training"]
         model = self.ddp or self.model
         model.train()
-        ds = next(self.sampler)
-        losses_log = {}
-        for _ in range(t["accumulate"]):
-            batch = self._batch(ds)
-            losses = model(batch)["losses"]
-            loss = sum(losses.values()) / t["accumulate"]
-            (loss).backward()
+        tasks, micro = self.loader.next_update()
+        n = len(micro)
+        total = 0.0
+        task_sum, task_count, term_sum, term_count = {}, {}, {}, {}
+        for j, (ds, epoch, batch) in enumerate(micro):
+            self._count_skipped(ds, epoch, batch.pop("skipped", 0))
+            batch = to_device(batch, self.device)
+            # DDP all-reduces the gradients once, in the last micro-batch's backward; torch >= 2.4
+            # also syncs parameters used only in the earlier (no_sync) micro-batches.
+            sync = self.ddp is None or j == n - 1
+            with nullcontext() if sync else self.ddp.no_sync():
+                losses = model(batch)["losses"]
+                loss = sum(losses.values())
+                (loss / n).backward()
+            loss = loss.detach()
+            total = total + loss / n
+            task_sum[ds], task_count[ds] = task_sum.get(ds, 0.0) + loss, task_count.get(ds, 0) + 1
             for k, v in losses.items():
-                losses_log[k] = losses_log.get(k, 0.0) + v.detach() / t["accumulate"]
-        total = sum(losses_log.values())
+                term_sum[k], term_count[k] = term_sum.get(k, 0.0) + v.detach(), term_count.get(k, 0) + 1
+        if self.distributed:  # every rank must take the same decision below: skip or step
+            total = total.clone()
+            dist.all_reduce(total)
+            total = total / self.world
         if not torch.isfinite(total):  # host sync: the one per step, for the NaN policy
             self.optimizer.zero_grad(set_to_none=True)
-            msg = f"non-finite loss {total.item()} at step {self.step + 1} on task {ds}"
+            msg = f"non-finite loss {total.item()} at step {self.step + 1} on tasks {tasks}"
             if t["nan_policy"] == "stop":
                 raise FloatingPointError(msg)
             self.skipped_steps += 1
-            self._log({"step": self.step + 1, "event": "nan_skipped", "task": ds, "message": msg})
+            self.log.write({"step": self.step + 1, "event": "nan_skipped", "tasks": tasks, "message": msg})
             self.step += 1
             self.scheduler.step()
-            return ds, None
+            return tasks, None
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), t["max_grad_l2_norm"])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return ds, losses_log
-
-    def _log(self, record):
-        if self.rank == 0:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        return tasks, {"loss": total, "task_loss": {ds: task_sum[ds] / task_count[ds] for ds in task_sum},
+                       "losses": {k: term_sum[k] / term_count[k] for k in term_sum}}
 
     def train(self, max_updates=None, progress=True):
         t = self.cfg["training"]
         max_updates = t["max_updates"] if max_updates is None else max_updates
         bar = None
         if progress and self.rank == 0:
-            from tqdm import tqdm
+            from tqdm import tqdm  # its own ETA column: remaining steps at the measured rate
 
             bar = tqdm(total=max_updates, initial=self.step, desc="train", dynamic_ncols=True)
-        start, samples = time.perf_counter(), 0
-        while self.step < max_updates:
-            ds, losses = self.train_step()
-            samples += t["batch_size"] * t["accumulate"]
-            if losses is not None and (self.step % t["log_every"] == 0 or self.step == max_updates):
-                record = {"step": self.step, "task": ds, "lr": self.scheduler.get_last_lr()[0],
-                          **{k: float(v) for k, v in losses.items()}}
-                self._log(record)
+        samples_per_update = t["batch_size"] * t["accumulate"] * t["tasks_per_step"]
+        since, samples = time.perf_counter(), 0  # throughput since the last train record
+        try:
+            while self.step < max_updates:
+                tasks, stats = self.train_step()
+                samples += samples_per_update
+                if stats is not None and (self.step % t["log_every"] == 0 or self.step == max_updates):
+                    rate = samples / max(1e-9, time.perf_counter() - since)
+                    loss = float(stats["loss"])  # host sync, on log steps only
+                    record = {"step": self.step, "event": "train", "tasks": tasks, "loss": loss,
+                              "task_loss": {k: float(v) for k, v in stats["task_loss"].items()},
+                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                              "losses": {k: float(v) for k, v in stats["losses"].items()}}
+                    self.log.write(record)
+                    since, samples = time.perf_counter(), 0
+                    if bar is not None:
+                        bar.set_postfix(task="+".join(dict.fromkeys(tasks)), loss=f"{record['loss']:.3f}",
+                                        lr=f"{record['lr']:.2e}", samples_s=f"{rate:.1f}")
                 if bar is not None:
-                    rate = samples / max(1e-9, time.perf_counter() - start)
-                    bar.set_postfix(task=ds, loss=f"{sum(float(v) for v in losses.values()):.3f}",
-                                    lr=f"{record['lr']:.2e}", samples_s=f"{rate:.1f}")
+                    bar.update(1)
+                if t["eval_every"] and self.step % t["eval_every"] == 0:
+                    started = time.perf_counter()
+                    self.evaluate()
+                    since += time.perf_counter() - started  # evaluation time is not training throughput
+                if self.step % t["checkpoint_every"] == 0 or self.step == max_updates:
+                    self.save()
+        finally:
+            self.loader.reset()  # stop the workers
+            self.log.flush()
             if bar is not None:
-                bar.update(1)
-            if self.step % t["checkpoint_every"] == 0 or self.step == max_updates:
-                self.save()
-        if bar is not None:
-            bar.close()
+                bar.close()
+
+    def evaluate(self, batch_size=None):
+        """Score every val dataset now (``evaluate_datasets``; every rank must call it), log an
+        ``eval`` record and remember it as ``last_eval``.  Returns ``{dataset: {metric: value}}``
+        (complete on rank 0)."""
+        results = evaluate_datasets(self.model, self.data, self.cfg, self.device, self.rank, self.world,
+                                    batch_size=batch_size)
+        self.log.write({"step": self.step, "event": "eval", "metrics": results})
+        self.last_eval = (self.step, results)
+        return results
+
+    def final_evaluation(self):
+        """The run's final metrics: the evaluation of the last step when it already ran."""
+        if self.last_eval is not None and self.last_eval[0] == self.step:
+            return self.last_eval[1]
+        return self.evaluate()
+
+    def skipped_images_total(self):
+        """``{dataset: skipped training images}`` summed over ranks (every rank must call it)."""
+        return {ds: int(self._sum_over_ranks(n)) for ds, n in self.skipped_images.total.items()}
 
 
 def evaluate(trainer, batch_size=None):
-    """``evaluate_datasets`` on the trainer's model and val data."""
-    return evaluate_datasets(trainer.model, trainer.data, trainer.cfg, trainer.device, trainer.rank, trainer.world,
-                             batch_size=batch_size)
+    """``Trainer.evaluate``: every val dataset scored by the trainer's model."""
+    return trainer.evaluate(batch_size=batch_size)
 
 
 def main(argv=None):
@@ -236,17 +369,23 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     trainer.train()
-    results = evaluate(trainer)
+    results = trainer.final_evaluation()
+    skipped = trainer.skipped_images_total()
     if trainer.rank == 0:
         chance = chance_levels(trainer.data.root if cfg["data"]["root"] is None else None)
         final = {"step": trainer.step, "skipped_steps": trainer.skipped_steps,
-                 "skipped_images": trainer.skipped_images, "metrics": results, "chance": chance}
+                 "skipped_images": skipped, "metrics": results, "chance": chance}
         tmp = os.path.join(out, "final_metrics.json.tmp")
         with open(tmp, "w") as f:
             json.dump(final, f, indent=2, default=float)
         os.replace(tmp, os.path.join(out, "final_metrics.json"))
+        trainer.log.write({"step": trainer.step, "event": "final", "skipped_steps": trainer.skipped_steps,
+                           "skipped_images": skipped})
+        trainer.log.close()
+        plot_log(trainer.log.path, os.path.join(out, "plots"))
         print(format_table(results, chance))
-        print(f"trained {trainer.step} steps; checkpoints, log.jsonl and final_metrics.json in {out}")
+        print(f"trained {trainer.step} steps; checkpoints, log.jsonl, tensorboard/, plots/ and "
+              f"final_metrics.json in {out}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

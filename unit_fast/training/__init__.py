@@ -1,2 +1,3 @@
-"""Training pieces used by ``python -m unit_fast.train``: multitask sampling, optimisation,
-checkpoints, data loading."""
+"""Training pieces used by ``python -m unit_fast.train``: multitask sampling, batch streams and the
+update loader (DataLoader workers), optimisation, checkpoints, data loading, evaluation, and the
+run's reports (log.jsonl, TensorBoard, plots)."""

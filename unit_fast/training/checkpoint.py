@@ -54,6 +54,15 @@ def list_checkpoints(directory):
     return sorted(p for p in paths if re.fullmatch(r"checkpoint_\d{8}\.pt", os.path.basename(p)))
 
 
+def remove_temporaries(directory):
+    """Delete the temporary files of saves that never finished (a run killed while writing);
+    returns their paths.  Call only when no save is under way in ``directory``."""
+    stale = glob.glob(os.path.join(directory, "checkpoint_*.pt.tmp-*"))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
 def latest(directory):
     found = list_checkpoints(directory)
     return found[-1] if found else None

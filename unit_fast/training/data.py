@@ -49,7 +49,8 @@ def synthetic_root(data_cfg):
     done = os.path.join(root, ".complete")
     if not os.path.exists(done):
         tmp = f"{root}.tmp-{os.getpid()}"
-        generate(tmp, seed=s["seed"], num_train=s["num_train"], num_val=s["num_val"], image_size=s["image_size"])
+        generate(tmp, seed=s["seed"], num_train=s["num_train"], num_val=s["num_val"],
+                 image_size=s["image_size"])
         open(os.path.join(tmp, ".complete"), "w").close()
         os.makedirs(os.path.dirname(root), exist_ok=True)
         try:
@@ -64,16 +65,18 @@ def synthetic_root(data_cfg):
 def synthetic_paths(root):
     """``data.datasets`` entries for the synthetic layout under ``root``."""
     j = lambda *p: os.path.join(root, *p)  # noqa: E731
+    splits = (("train", "train"), ("val", "dev"))  # (split, file stem)
     return {
         "detection_coco": {s: {"annotations": j("coco/annotations", f"instances_{s}2017.json"),
                                "images": j("coco", f"{s}2017")} for s in ("train", "val")},
         "vqa2": {s: {"questions": j("vqa2", f"v2_OpenEnded_mscoco_{s}2014_questions.json"),
-                     "annotations": j("vqa2", f"v2_mscoco_{s}2014_annotations.json"), "images": j("coco", f"{s}2017")}
+                     "annotations": j("vqa2", f"v2_mscoco_{s}2014_annotations.json"),
+                     "images": j("coco", f"{s}2017")}
                  for s in ("train", "val")},
         "visual_entailment": {s: {"jsonl": j("snli_ve", f"snli_ve_{d}.jsonl"), "images": j("snli_ve/images")}
-                              for s, d in (("train", "train"), ("val", "dev"))},
-        "glue_sst2": {s: {"tsv": j("glue/SST-2", f"{d}.tsv")} for s, d in (("train", "train"), ("val", "dev"))},
-        "glue_qnli": {s: {"tsv": j("glue/QNLI", f"{d}.tsv")} for s, d in (("train", "train"), ("val", "dev"))},
+                              for s, d in splits},
+        "glue_sst2": {s: {"tsv": j("glue/SST-2", f"{d}.tsv")} for s, d in splits},
+        "glue_qnli": {s: {"tsv": j("glue/QNLI", f"{d}.tsv")} for s, d in splits},
     }
 
 
@@ -100,11 +103,13 @@ def build_data(cfg, dataset_names):
     if missing:
         raise ValueError(f"no data configured for {missing}: set data.datasets.<name>.{{train,val}} paths "
                          "(or data.root: null for the synthetic default)")
-    tok_path = data_cfg["tokenizer"] or (os.path.join(root, "vocab.txt") if data_cfg["root"] is None else None)
+    synthetic_vocab = os.path.join(root, "vocab.txt") if data_cfg["root"] is None else None
+    tok_path = data_cfg["tokenizer"] or synthetic_vocab
     if tok_path is None:
         tok_path = cfg["model"]["bert"]["pretrained"]
     tokenizer = load_tokenizer(tok_path)
-    sizes = ImageSizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg["image_sizes"].items()})
+    sizes = ImageSizes(**{k: tuple(v) if isinstance(v, list) else v
+                          for k, v in data_cfg["image_sizes"].items()})
     report = ReadReport()
     on_error = data_cfg["on_error"]
     lengths = {**DEFAULT_TEXT_LENGTH, **data_cfg["text_max_length"]}
@@ -119,16 +124,19 @@ def build_data(cfg, dataset_names):
                 recs = read_coco_detection(_need(p, "annotations", ds, split), _need(p, "images", ds, split),
                                            with_attributes=ds == "detection_visual_genome", on_error=on_error,
                                            report=report)
-                out[ds] = DetectionDataset(recs, ds, train=is_train, sizes=sizes, seed=cfg["training"]["seed"])
+                out[ds] = DetectionDataset(recs, ds, train=is_train, sizes=sizes,
+                                           seed=cfg["training"]["seed"])
             elif ds == "vqa2":
-                recs, vocab_out = read_vqa2(_need(p, "questions", ds, split), _need(p, "annotations", ds, split),
-                                            _need(p, "images", ds, split), answer_vocab=vocab or paths[ds].get("answer_vocab"),
+                recs, vocab_out = read_vqa2(_need(p, "questions", ds, split),
+                                            _need(p, "annotations", ds, split), _need(p, "images", ds, split),
+                                            answer_vocab=vocab or paths[ds].get("answer_vocab"),
                                             dense_scores=False, on_error=on_error, report=report)
                 vocab = vocab or vocab_out
-                out[ds] = VQADataset(recs, ds, tokenizer, max_length=lengths.get(ds, 25), answer_vocab=vocab, sizes=sizes)
+                out[ds] = VQADataset(recs, ds, tokenizer, max_length=lengths.get(ds, 25), answer_vocab=vocab,
+                                     sizes=sizes)
             elif ds == "visual_entailment":
-                recs = read_snli_ve(_need(p, "jsonl", ds, split), _need(p, "images", ds, split), on_error=on_error,
-                                    report=report)
+                recs = read_snli_ve(_need(p, "jsonl", ds, split), _need(p, "images", ds, split),
+                                    on_error=on_error, report=report)
                 out[ds] = EntailmentDataset(recs, ds, tokenizer, max_length=lengths.get(ds, 25), sizes=sizes)
             elif ds in GLUE_TASKS:
                 recs = read_glue(GLUE_TASKS[ds], _need(p, "tsv", ds, split), on_error=on_error, report=report)

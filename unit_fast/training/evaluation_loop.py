@@ -9,7 +9,6 @@ import torch.distributed as dist
 
 from unit_fast.training.batches import to_device
 
-
 SUMMARY_KEYS = {"visual_entailment": "snli_ve"}
 METRIC = {"detection": "AP50"}
 
@@ -65,7 +64,10 @@ def evaluate_datasets(model, data, cfg, device, rank=0, world=1, batch_size=None
         for start in range(0, len(indices), bs):
             idx = indices[start:start + bs]
             batch = to_device(collate([dataset[i] for i in idx]), device)
-            out = model(batch)
+            # Targets go to the evaluator only.  With targets the model would also compute the
+            # training losses, and the detection loss all-reduces num_boxes over ranks: a
+            # collective that hangs when ranks hold different numbers of val batches.
+            out = model({k: v for k, v in batch.items() if k != "targets"})
             if ds.startswith("detection"):
                 ev.update(out, batch["targets"])
             elif ds == "vqa2":
@@ -89,6 +91,6 @@ def format_table(results, chance):
         c = chance.get(ds)
         rows.append((ds, name, "-" if c is None else f"{c:.3f}", f"{metrics.get(name, float('nan')):.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

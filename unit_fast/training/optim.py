@@ -1,9 +1,12 @@
-"""MMF's optimiser setup for UniT: AdamW with a backbone group at ``lr_backbone``, and the
-warmup-cosine schedule (``mmf/modules/schedulers.py`` ``warmup_cosine``)."""
+"""MMF's optimiser setup for UniT: AdamW with a backbone group at ``lr_backbone`` (or MMF's
+``adam_w_skip_params_with_zero_grad``), and the warmup-cosine schedule
+(``mmf/modules/schedulers.py`` ``warmup_cosine``)."""
 
 import math
 
 import torch
+
+OPTIMIZERS = ("adam_w", "adam_w_skip_params_with_zero_grad")
 
 
 def param_groups(model, lr, lr_backbone, weight_decay):
@@ -20,8 +23,47 @@ def param_groups(model, lr, lr_backbone, weight_decay):
     return groups
 
 
-def build_optimizer(model, lr, lr_backbone, weight_decay, eps=1e-8):
-    return torch.optim.AdamW(param_groups(model, lr, lr_backbone, weight_decay), lr=lr, eps=eps)
+class AdamWSkipParamsWithZeroGrad(torch.optim.AdamW):
+    """MMF's ``adam_w_skip_params_with_zero_grad``: AdamW that leaves every parameter whose
+    gradient is exactly zero untouched: no weight decay, no moment update, its step count not
+    advanced.  Parameters with a gradient of None are skipped as by plain AdamW; everything else
+    is torch's AdamW, value for value.
+
+    Why: in multitask training the heads of the tasks not drawn in a step have no gradient, but
+    under DDP (or after ``zero_grad(set_to_none=False)``) they can receive an all-zero one;
+    plain AdamW would then still decay them and shrink their moments every step.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # the gradients must exist before they are inspected
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            # One host sync for all parameters (not one per parameter).
+            nonzero = torch.stack([p.grad.ne(0).any() for p in params]).tolist()
+        else:
+            nonzero = []
+        hidden = [(p, p.grad) for p, nz in zip(params, nonzero, strict=True) if not nz]
+        for p, _ in hidden:
+            p.grad = None  # AdamW skips a parameter without a gradient entirely
+        try:
+            super().step()
+        finally:
+            for p, g in hidden:
+                p.grad = g
+        return loss
+
+
+def build_optimizer(model, lr, lr_backbone, weight_decay, eps=1e-8, name="adam_w"):
+    """``name`` (``training.optimizer``): ``adam_w`` (torch's AdamW) or
+    ``adam_w_skip_params_with_zero_grad`` (``AdamWSkipParamsWithZeroGrad``)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"training.optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    cls = torch.optim.AdamW if name == "adam_w" else AdamWSkipParamsWithZeroGrad
+    return cls(param_groups(model, lr, lr_backbone, weight_decay), lr=lr, eps=eps)
 
 
 def warmup_cosine(optimizer, warmup_steps, max_steps, warmup_factor=0.1):

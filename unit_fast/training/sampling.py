@@ -31,8 +31,9 @@ def task_probabilities(sizes, mode="proportional", ratios=None, temperature=1.0)
     else:
         raise ValueError(f"unknown sampling mode {mode!r}; expected one of {MODES}")
     if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"sampling weights must be >= 0 with a positive sum, got {dict(zip(names, w))}")
-    return dict(zip(names, (w / w.sum()).tolist()))
+        weights = dict(zip(names, w.tolist(), strict=True))
+        raise ValueError(f"sampling weights must be >= 0 with a positive sum, got {weights}")
+    return dict(zip(names, (w / w.sum()).tolist(), strict=True))
 
 
 class TaskSampler:

@@ -43,6 +43,14 @@ class BatchStream:
         self.position += self.batch_size
         return batch[self.rank::self.world].tolist()
 
+    def fork(self):
+        """A stream at the same position that advances independently (the dataset is shared):
+        what a prefetcher reads ahead from while this one marks what was consumed."""
+        other = BatchStream(self.dataset, self.name, self.batch_size, seed=self.seed, rank=self.rank,
+                            world_size=self.world, shuffle=self.shuffle)
+        other.load_state_dict(self.state_dict())
+        return other
+
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}
 
