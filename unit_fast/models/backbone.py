@@ -6,7 +6,11 @@ rules kept). Differences from the reference:
 - the ResNet is built with ``weights=None`` (nothing is ever downloaded); pretrained weights
   come from a local torchvision-format file (``weights=``) or a DETR checkpoint
   (``load_detr_backbone``, MMF's ``base_ckpt_load_backbone_only``);
-- resnet18/34 (BasicBlock) with ``dilation`` raise ValueError up front.
+- resnet18/34 (BasicBlock) with ``dilation`` raise ValueError up front;
+- two options for small models trained from scratch (the synthetic default), both off by default:
+  ``norm="batch_norm"`` (trainable BatchNorm; every layer trains, since DETR freezes the stem,
+  ``layer1`` and the BN statistics only because they come pretrained) and ``last_layer="layer3"``
+  (stop at stride 16: a 4x4 feature map from a 64 px image for a quarter less compute).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from unit_fast.models.misc import NestedTensor
 from unit_fast.models.position_encoding import PositionEmbeddingSine
 
 _NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+NORMS = ("frozen_bn", "batch_norm")
+LAST_LAYERS = ("layer4", "layer3")
 
 
 class BackboneBase(nn.Module):
@@ -44,16 +50,19 @@ class BackboneBase(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool
+        self, backbone: nn.Module, train_backbone: bool, num_channels: int, return_interm_layers: bool,
+        train_all: bool = False, last_layer: str = "layer4",
     ):
         super().__init__()
         for name, parameter in backbone.named_parameters():
-            if not train_backbone or not any(layer in name for layer in ("layer2", "layer3", "layer4")):
+            trains = train_all or any(layer in name for layer in ("layer2", "layer3", "layer4"))
+            if not train_backbone or not trains:
                 parameter.requires_grad_(False)
+        layers = ("layer1", "layer2", "layer3", "layer4")[: int(last_layer[-1])]
         if return_interm_layers:
-            return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+            return_layers = {layer: str(i) for i, layer in enumerate(layers)}
         else:
-            return_layers = {"layer4": "0"}
+            return_layers = {last_layer: "0"}
         # Attribute name ``body`` makes the state-dict keys ``body.*`` (DETR checkpoint layout).
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.num_channels = num_channels
@@ -84,8 +93,11 @@ class Backbone(BackboneBase):
             needs a Bottleneck ResNet (50/101).
         weights: None (random init) or a local path to a torchvision-format ResNet state dict
             (``fc.*`` included), loaded strictly before the classifier is dropped.
+        norm: ``"frozen_bn"`` (DETR) or ``"batch_norm"`` (trainable BN, all layers train).
+        last_layer: ``"layer4"`` (DETR, stride 32) or ``"layer3"`` (stride 16, half the channels).
 
-    Output channels: 512 for resnet18/34, 2048 for resnet50/101 (``num_channels``).
+    Output channels: 512 for resnet18/34, 2048 for resnet50/101 (``num_channels``); half that
+    with ``last_layer="layer3"``.
     """
 
     def __init__(
@@ -95,6 +107,8 @@ class Backbone(BackboneBase):
         return_interm_layers: bool,
         dilation: bool,
         weights: str | os.PathLike | None = None,
+        norm: str = "frozen_bn",
+        last_layer: str = "layer4",
     ):
         if name not in _NUM_CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_NUM_CHANNELS)}")
@@ -102,19 +116,30 @@ class Backbone(BackboneBase):
             raise ValueError(f"dilation needs a Bottleneck ResNet (resnet50/101); {name} uses BasicBlock")
         if weights is not None and not os.path.isfile(weights):
             raise FileNotFoundError(f"backbone weights file not found: {os.fspath(weights)!r}")
+        if norm not in NORMS:
+            raise ValueError(f"backbone norm must be one of {NORMS}, got {norm!r}")
+        if last_layer not in LAST_LAYERS:
+            raise ValueError(f"backbone last_layer must be one of {LAST_LAYERS}, got {last_layer!r}")
+        if dilation and last_layer != "layer4":
+            raise ValueError("dilation (DC5) dilates layer4; it needs last_layer='layer4'")
         resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+            weights=None, replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d,
         )
         if weights is not None:
             state_dict = torch.load(weights, map_location="cpu", weights_only=True)
             # Strict: a wrong file fails here. FrozenBatchNorm2d drops ``num_batches_tracked``.
             resnet.load_state_dict(state_dict, strict=True)
-        super().__init__(resnet, train_backbone, _NUM_CHANNELS[name], return_interm_layers)
-        self.name = name
-        self.dilation = dilation
+        if last_layer != "layer4":
+            del resnet.layer4  # never run: keeps it out of the parameters and the state dict
+        channels = _NUM_CHANNELS[name] // (1 if last_layer == "layer4" else 2)
+        super().__init__(resnet, train_backbone, channels, return_interm_layers,
+                         train_all=norm == "batch_norm", last_layer=last_layer)
+        self.name, self.dilation, self.norm, self.last_layer = name, dilation, norm, last_layer
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, dilation={self.dilation}, num_channels={self.num_channels}"
+        return (f"name={self.name!r}, dilation={self.dilation}, norm={self.norm!r}, last_layer={self.last_layer!r}, "
+                f"num_channels={self.num_channels}")
 
 
 class Joiner(nn.Sequential):
@@ -150,6 +175,8 @@ def build_backbone(
     dilation: bool = False,
     hidden_dim: int = 256,
     weights: str | os.PathLike | None = None,
+    norm: str = "frozen_bn",
+    last_layer: str = "layer4",
 ) -> Joiner:
     """UniT/DETR image backbone: last ResNet stage only + ``PositionEmbeddingSine(hidden_dim // 2,
     normalize=True)`` (MMF ``build_unit_convnet_backbone``). ``lr_backbone <= 0`` freezes it all."""
@@ -162,6 +189,8 @@ def build_backbone(
         return_interm_layers=False,
         dilation=dilation,
         weights=weights,
+        norm=norm,
+        last_layer=last_layer,
     )
     return Joiner(body, PositionEmbeddingSine(hidden_dim // 2, normalize=True))
 

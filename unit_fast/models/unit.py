@@ -47,7 +47,9 @@ class UniTBaseModel(nn.Module):
         super().__init__()
         self.backbone = build_backbone(backbone=cfg["backbone"], lr_backbone=cfg["lr_backbone"],
                                        dilation=cfg["dilation"], hidden_dim=cfg["encoder_hidden_dim"],
-                                       weights=cfg.get("backbone_weights"))
+                                       weights=cfg.get("backbone_weights"),
+                                       norm=cfg.get("backbone_norm", "frozen_bn"),
+                                       last_layer=cfg.get("backbone_last_layer", "layer4"))
         datasets = {task: list(qs) for task, qs in cfg["num_queries"].items()}
         self.transformer = UniTTransformer(cfg, datasets)
         d_dec = cfg["decoder_hidden_dim"]
