@@ -338,3 +338,39 @@ def test_missing_weights_file(tmp_path):
     path = tmp_path / "nope" / "resnet50.pth"
     with pytest.raises(FileNotFoundError, match="nope"):
         build_backbone(backbone="resnet18", weights=path)
+
+
+def test_from_scratch_options_batch_norm_and_layer3():
+    """``norm="batch_norm"``: real BatchNorm2d layers and every parameter trains (stem and layer1
+    too); ``last_layer="layer3"``: stride 16, 256 channels for resnet18, no layer4 weights."""
+    j = build_backbone(backbone="resnet18", lr_backbone=1e-4, hidden_dim=64, norm="batch_norm", last_layer="layer3")
+    body = j[0].body
+    assert not any(isinstance(m, torchvision.ops.misc.FrozenBatchNorm2d) for m in body.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
+    assert all(p.requires_grad for p in j.parameters())
+    assert not any(k.startswith("layer4") for k in body.state_dict())
+    assert j.num_channels == 256
+    x = NestedTensor(torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool))
+    features, pos = j(x)
+    assert features[0].tensors.shape == (2, 256, 4, 6)
+    assert pos[0].shape == (2, 64, 4, 6)
+    # lr_backbone <= 0 still freezes everything
+    frozen = build_backbone(backbone="resnet18", lr_backbone=0.0, hidden_dim=64, norm="batch_norm")
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_default_options_keep_detr_layout():
+    j = build_backbone(backbone="resnet18", lr_backbone=1e-4, hidden_dim=64)
+    assert j[0].body.layer4 is not None and j.num_channels == 512
+    assert any(isinstance(m, torchvision.ops.misc.FrozenBatchNorm2d) for m in j.modules())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"norm": "group_norm"}, "norm must be one of"),
+    ({"last_layer": "layer2"}, "last_layer must be one of"),
+    ({"backbone": "resnet50", "dilation": True, "last_layer": "layer3"}, "needs last_layer='layer4'"),
+])
+def test_backbone_option_errors(kwargs, match):
+    args = {"backbone": "resnet18", "lr_backbone": 1e-4, "hidden_dim": 64, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        build_backbone(**args)
