@@ -17,3 +17,20 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory):
+    """The trainer tests' one synthetic-data cache (generated once per session)."""
+    from tests.test_train import shared_cache
+
+    return shared_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one intra-op thread for a trainer test module (see tests/test_train.py)."""
+    from tests.test_train import one_thread
+
+    with one_thread():
+        yield

@@ -94,13 +94,13 @@ def shared_cache(tmp_path_factory):
     return str(path)
 
 
-def small_config(directory, cache, *overrides):
+def small_config(directory, train_cache, *overrides):
     """``(path, cfg)``: ``SMALL_CONFIG`` written to ``directory/small.yaml``, loaded with the
     ``cache`` and ``overrides``; pass the path and overrides to the CLI for the same run."""
     path = os.path.join(str(directory), "small.yaml")
     with open(path, "w") as f:
         f.write(SMALL_CONFIG)
-    return path, load_config(path, [f"data.cache_dir={cache}", *overrides])
+    return path, load_config(path, [f"data.cache_dir={train_cache}", *overrides])
 
 
 def params(model):
@@ -115,40 +115,32 @@ def assert_same_params(a, b):
     assert not different, different[:5]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return shared_cache(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+def _cfg(train_cache, *extra):
+    return load_config("default", [f"data.cache_dir={train_cache}", *TINY_RUN, *extra])
 
 
-def _cfg(cache, *extra):
-    return load_config("default", [f"data.cache_dir={cache}", *TINY_RUN, *extra])
-
-
-def test_resume_continues_exactly(cache, tmp_path):
+def test_resume_continues_exactly(train_cache, tmp_path):
     """N steps straight == k steps, a resume from the checkpoint, N - k steps: bitwise on CPU
     (model, optimizer and schedule, task sampler, data streams and every RNG are restored)."""
-    straight = Trainer(_cfg(cache, "training.max_updates=4"), str(tmp_path / "a"))
+    straight = Trainer(_cfg(train_cache, "training.max_updates=4"), str(tmp_path / "a"))
     straight.train(progress=False)
     every2 = ("training.max_updates=4", "training.checkpoint_every=2")
-    first = Trainer(_cfg(cache, *every2), str(tmp_path / "b"))
+    first = Trainer(_cfg(train_cache, *every2), str(tmp_path / "b"))
     first.train(max_updates=2, progress=False)
-    resumed = Trainer(_cfg(cache, *every2), str(tmp_path / "b"), resume="latest")
+    resumed = Trainer(_cfg(train_cache, *every2), str(tmp_path / "b"), resume="latest")
     assert resumed.step == 2
     resumed.train(progress=False)
     a = params(straight.model)
     assert_same_params(a, params(resumed.model))
-    before = params(Trainer(_cfg(cache), str(tmp_path / "c")).model)
+    before = params(Trainer(_cfg(train_cache), str(tmp_path / "c")).model)
     assert any(not torch.equal(a[k], before[k]) for k in a)  # training changed the weights
 
 
-def test_checkpoints_are_atomic_and_pruned(cache, tmp_path):
-    run = Trainer(_cfg(cache, "training.max_updates=3", "training.checkpoint_every=1",
+def test_checkpoints_are_atomic_and_pruned(train_cache, tmp_path):
+    run = Trainer(_cfg(train_cache, "training.max_updates=3", "training.checkpoint_every=1",
                        "training.keep_checkpoints=2"), str(tmp_path))
     run.train(progress=False)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -179,9 +171,9 @@ def test_missing_dataset_path_names_the_key():
         _need({}, "images", "vqa2", "val")
 
 
-def test_cli_smoke_run(cache, tmp_path):
+def test_cli_smoke_run(train_cache, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "unit_fast.train", "--output-dir", str(tmp_path),
-                           f"data.cache_dir={cache}", *TINY_RUN, "training.max_updates=2"],
+                           f"data.cache_dir={train_cache}", *TINY_RUN, "training.max_updates=2"],
                           capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "checkpoint_00000002.pt").exists()
@@ -194,3 +186,32 @@ def test_cli_smoke_run(cache, tmp_path):
     final = json.loads((tmp_path / "final_metrics.json").read_text())
     assert final["step"] == 2 and set(final["metrics"]["detection_coco"]) == {"AP", "AP50", "AP75"}
     assert final["chance"]["visual_entailment"] == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_real_data_without_tokenizer_is_a_clear_error(train_cache):
+    """``data.root`` set (real data), no ``data.tokenizer`` and a from-scratch BERT: nothing says
+    which vocabulary to use -> a ValueError naming both keys (not a TypeError from deep inside)."""
+    from unit_fast.training.data import build_data, synthetic_paths, synthetic_root
+
+    cfg = _cfg(train_cache)
+    root = synthetic_root(cfg["data"])
+    cfg["data"]["root"] = root
+    cfg["data"]["datasets"] = synthetic_paths(root)
+    with pytest.raises(ValueError, match="set data.tokenizer .* or model.bert.pretrained"):
+        build_data(cfg, ["glue_sst2"])
+    cfg["data"]["tokenizer"] = f"{root}/vocab.txt"
+    assert len(build_data(cfg, ["glue_sst2"]).train["glue_sst2"]) > 0
+
+
+def test_table_shows_targets_and_whether_they_are_met():
+    from unit_fast.training.evaluation_loop import format_table, targets_met
+
+    results = {"detection_coco": {"AP50": 0.31, "AP": 0.1}, "glue_sst2": {"accuracy": 0.84}, "vqa2": {"accuracy": 0.6}}
+    targets = {"detection_coco": 0.3, "glue_sst2": 0.9}
+    assert targets_met(results, targets) == {"detection_coco": True, "glue_sst2": False}
+    lines = format_table(results, {"glue_sst2": 0.5}, targets).splitlines()
+    assert lines[0].split() == ["task", "metric", "chance", "result", "target", "met"]
+    assert lines[2].split() == ["detection_coco", "AP50", "-", "0.310", "0.300", "yes"]
+    assert lines[3].split() == ["glue_sst2", "accuracy", "0.500", "0.840", "0.900", "NO"]
+    assert lines[4].split() == ["vqa2", "accuracy", "-", "0.600", "-", "-"]
+    assert format_table(results, {}).splitlines()[0].split() == ["task", "metric", "chance", "result"]

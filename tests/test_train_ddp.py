@@ -10,22 +10,13 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.test_train import ONE_THREAD_ENV, SMALL_CONFIG, one_thread, params, shared_cache
+from tests.test_train import ONE_THREAD_ENV, SMALL_CONFIG, params
 from unit_fast.config import load_config
 from unit_fast.train import Trainer
 from unit_fast.training import checkpoint as ckpt
 from unit_fast.training.data import synthetic_paths, synthetic_root
 
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return shared_cache(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _square_detection(src, dst):
@@ -47,14 +38,14 @@ def _square_detection(src, dst):
 
 
 @pytest.fixture(scope="module")
-def square_config(cache, tmp_path_factory):
+def square_config(train_cache, tmp_path_factory):
     """``SMALL_CONFIG`` on images of one size.  DETR pads a batch to its largest image and the
     padding changes the backbone's features near the borders, so a batch split over ranks only
     equals the whole batch when no image is padded.  Also ``eos_coef: 1``: the class loss is a
     weighted mean over the local batch, which averages over ranks to the global mean only when
     every weight is the same (the box losses are normalised by the all-reduced box count)."""
     cfg = yaml.safe_load(SMALL_CONFIG)
-    synthetic = synthetic_root({"cache_dir": cache, "synthetic": cfg["data"]["synthetic"]})
+    synthetic = synthetic_root({"cache_dir": train_cache, "synthetic": cfg["data"]["synthetic"]})
     paths = synthetic_paths(synthetic)
     root = tmp_path_factory.mktemp("square")
     square = {split: _square_detection(paths["detection_coco"][split], root / split)

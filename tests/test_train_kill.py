@@ -13,32 +13,21 @@ import pytest
 from tests.test_train import (
     ONE_THREAD_ENV,
     assert_same_params,
-    one_thread,
     params,
-    shared_cache,
     small_config,
 )
 from unit_fast.train import Trainer
 from unit_fast.training import checkpoint as ckpt
 from unit_fast.training.report import read_log
 
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return shared_cache(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
-
-def test_sigkill_mid_run_then_resume_is_exact(cache, tmp_path):
+def test_sigkill_mid_run_then_resume_is_exact(train_cache, tmp_path):
     every, total = 2, 6
-    overrides = [f"data.cache_dir={cache}", f"training.max_updates={total}",
+    overrides = [f"data.cache_dir={train_cache}", f"training.max_updates={total}",
                  f"training.checkpoint_every={every}", "training.keep_checkpoints=10"]
-    path, cfg = small_config(tmp_path, cache, *overrides)
+    path, cfg = small_config(tmp_path, train_cache, *overrides)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "unit_fast.train", "--config", path, "--output-dir", str(out),
                *overrides]

@@ -7,29 +7,20 @@ import json
 import pytest
 import torch
 
-from tests.test_train import assert_same_params, one_thread, params, shared_cache, small_config
+from tests.test_train import assert_same_params, params, small_config
 from unit_fast.models.checkpoint import save_mmf_checkpoint
 from unit_fast.train import Trainer, main
 from unit_fast.training import checkpoint as ckpt
 from unit_fast.training.loader import plan_update
 from unit_fast.training.optim import AdamWSkipParamsWithZeroGrad, build_optimizer
 
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return shared_cache(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
-
-def test_tasks_per_step_takes_the_mean_gradient_of_one_batch_per_task(cache, tmp_path):
+def test_tasks_per_step_takes_the_mean_gradient_of_one_batch_per_task(train_cache, tmp_path):
     """``tasks_per_step=2``: one update draws two tasks and its gradient (after clipping, as the
     optimizer sees it) is that of the mean of one micro-batch loss per task, computed by hand."""
-    _, cfg = small_config(tmp_path, cache, "training.tasks_per_step=2", "training.sampling_mode=ratios",
+    _, cfg = small_config(tmp_path, train_cache, "training.tasks_per_step=2", "training.sampling_mode=ratios",
                           "training.sampling={detection_coco: 0.5, glue_sst2: 0.5}")
     run = Trainer(cfg, str(tmp_path / "run"))
     model = copy.deepcopy(run.model)
@@ -99,11 +90,11 @@ def test_build_optimizer_names_the_bad_option():
         build_optimizer(model, 1e-3, 0.0, 0.0, name="sgd")
 
 
-def test_init_from_an_mmf_checkpoint(cache, tmp_path, capsys):
+def test_init_from_an_mmf_checkpoint(train_cache, tmp_path, capsys):
     """``training.init_from``: the weights of a checkpoint written by ``save_mmf_checkpoint``
     start a new run (step 0, fresh optimizer); a key the checkpoint lacks keeps its fresh
     initialisation, and missing / unexpected keys are logged.  A missing file is a usage error."""
-    path, cfg = small_config(tmp_path, cache)
+    path, cfg = small_config(tmp_path, train_cache)
     source = Trainer(cfg, str(tmp_path / "source"))
     fresh = params(source.model)  # the initialisation every run of this config starts from
     with torch.no_grad():
@@ -117,7 +108,7 @@ def test_init_from_an_mmf_checkpoint(cache, tmp_path, capsys):
     state["model"]["some_old_head.weight"] = torch.zeros(1)
     torch.save(state, saved)
 
-    _, cfg = small_config(tmp_path, cache, f"training.init_from={saved}")
+    _, cfg = small_config(tmp_path, train_cache, f"training.init_from={saved}")
     run = Trainer(cfg, str(tmp_path / "run"))
     expected = {k: (fresh[k] if k == missing else v) for k, v in params(source.model).items()}
     assert_same_params(params(run.model), expected)
@@ -127,28 +118,28 @@ def test_init_from_an_mmf_checkpoint(cache, tmp_path, capsys):
     assert record["missing"] == [missing] and record["unexpected"] == ["some_old_head.weight"]
     assert "missing (1): unit_base_model.input_proj.bias" in capsys.readouterr().out
 
-    rc = main(["--config", path, "--output-dir", str(tmp_path / "bad"), f"data.cache_dir={cache}",
+    rc = main(["--config", path, "--output-dir", str(tmp_path / "bad"), f"data.cache_dir={train_cache}",
                f"training.init_from={tmp_path / 'nope.pth'}"])
     assert rc == 2
     assert f"error: training.init_from: {tmp_path / 'nope.pth'} does not exist" in capsys.readouterr().err
 
 
-def test_workers_load_the_same_batches_and_resume_exactly(cache, tmp_path):
+def test_workers_load_the_same_batches_and_resume_exactly(train_cache, tmp_path):
     """``data.num_workers=2`` (2 tasks x 2 accumulated micro-batches per update): the checkpoint
     holds the consumed position of the sampler and streams, not the prefetched one, and a run
     with workers and a resume ends bitwise where a run in the main process does."""
     common = ["training.tasks_per_step=2", "training.accumulate=2", "training.max_updates=2",
               "training.checkpoint_every=1"]
-    straight = Trainer(small_config(tmp_path, cache, *common)[1], str(tmp_path / "straight"))
+    straight = Trainer(small_config(tmp_path, train_cache, *common)[1], str(tmp_path / "straight"))
     straight.train(progress=False)
     workers = [*common, "data.num_workers=2"]
-    first = Trainer(small_config(tmp_path, cache, *workers)[1], str(tmp_path / "workers"))
+    first = Trainer(small_config(tmp_path, train_cache, *workers)[1], str(tmp_path / "workers"))
     first.train(max_updates=1, progress=False)
     a = ckpt.load(str(tmp_path / "straight/checkpoints/checkpoint_00000001.pt"))
     b = ckpt.load(str(tmp_path / "workers/checkpoints/checkpoint_00000001.pt"))
     assert b["sampler"] == a["sampler"] and b["sampler"]["draws"] == 2
     assert b["streams"] == a["streams"]
-    resumed = Trainer(small_config(tmp_path, cache, *workers)[1], str(tmp_path / "workers"), resume="latest")
+    resumed = Trainer(small_config(tmp_path, train_cache, *workers)[1], str(tmp_path / "workers"), resume="latest")
     assert resumed.step == 1
     resumed.train(progress=False)
     assert_same_params(params(resumed.model), params(straight.model))

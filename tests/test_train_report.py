@@ -11,21 +11,12 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.test_train import one_thread, shared_cache, small_config
+from tests.test_train import small_config
 from unit_fast.testing import devices
 from unit_fast.train import Trainer, main
 from unit_fast.training.data import synthetic_root
 
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return shared_cache(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cache_with_a_bad_image(cfg, tmp_path):
@@ -39,11 +30,11 @@ def _cache_with_a_bad_image(cfg, tmp_path):
     return str(tmp_path / "bad_cache")
 
 
-def test_run_reports_log_tensorboard_plots_evals_and_skipped_images(cache, tmp_path):
+def test_run_reports_log_tensorboard_plots_evals_and_skipped_images(train_cache, tmp_path):
     """One CLI run (in-process): 4 updates of 2 tasks each, evaluation every 2 steps, one
     unreadable detection image skipped.  Seed 0 draws detection 5 times out of 8: its stream
     (16 images, batches of 4) finishes epoch 0, which saw the bad image once."""
-    path, cfg = small_config(tmp_path, cache)
+    path, cfg = small_config(tmp_path, train_cache)
     bad_cache = _cache_with_a_bad_image(cfg, tmp_path)
     out = tmp_path / "run"
     rc = main(["--config", path, "--output-dir", str(out), f"data.cache_dir={bad_cache}",
@@ -89,11 +80,11 @@ def test_run_reports_log_tensorboard_plots_evals_and_skipped_images(cache, tmp_p
 
 
 @pytest.mark.parametrize("device", devices())
-def test_train_step_autocasts_and_the_bar_shows_loss_lr_rate_eta(cache, tmp_path, device, capsys):
+def test_train_step_autocasts_and_the_bar_shows_loss_lr_rate_eta(train_cache, tmp_path, device, capsys):
     """``model.autocast_dtype: bfloat16`` (fast path): the model runs under ``torch.autocast``
     in the trainer's step (on CUDA as on CPU) and the losses stay float32; the progress bar
     shows loss, lr, samples/s and tqdm's ETA."""
-    _, cfg = small_config(tmp_path, cache, "model.autocast_dtype=bfloat16", f"training.device={device}")
+    _, cfg = small_config(tmp_path, train_cache, "model.autocast_dtype=bfloat16", f"training.device={device}")
     run = Trainer(cfg, str(tmp_path / "run"))
     seen = []
     run.model.unit_base_model.transformer.register_forward_pre_hook(
@@ -107,9 +98,9 @@ def test_train_step_autocasts_and_the_bar_shows_loss_lr_rate_eta(cache, tmp_path
     assert re.search(r"\d\d:\d\d<\d\d:\d\d", bar), bar  # elapsed<remaining
 
 
-def test_autocast_needs_the_fast_path(cache, tmp_path, capsys):
-    path, _ = small_config(tmp_path, cache)
-    rc = main(["--config", path, "--output-dir", str(tmp_path / "run"), f"data.cache_dir={cache}",
+def test_autocast_needs_the_fast_path(train_cache, tmp_path, capsys):
+    path, _ = small_config(tmp_path, train_cache)
+    rc = main(["--config", path, "--output-dir", str(tmp_path / "run"), f"data.cache_dir={train_cache}",
                "model.autocast_dtype=bfloat16", "model.backend=reference"])
     assert rc == 2
     assert "model.autocast_dtype needs model.backend=fast" in capsys.readouterr().err

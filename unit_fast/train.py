@@ -39,7 +39,7 @@ import torch.distributed as dist
 from unit_fast.config import load_config
 from unit_fast.training import checkpoint as ckpt
 from unit_fast.training.batches import to_device
-from unit_fast.training.evaluation_loop import chance_levels, evaluate_datasets, format_table
+from unit_fast.training.evaluation_loop import chance_levels, evaluate_datasets, format_table, targets_met
 from unit_fast.training.loader import UpdateLoader
 from unit_fast.training.metadata import run_metadata
 from unit_fast.training.optim import build_optimizer, warmup_cosine
@@ -373,8 +373,10 @@ def main(argv=None):
     skipped = trainer.skipped_images_total()
     if trainer.rank == 0:
         chance = chance_levels(trainer.data.root if cfg["data"]["root"] is None else None)
+        targets = cfg["training"]["targets"]
         final = {"step": trainer.step, "skipped_steps": trainer.skipped_steps,
-                 "skipped_images": skipped, "metrics": results, "chance": chance}
+                 "skipped_images": skipped, "metrics": results, "chance": chance,
+                 "targets": targets, "targets_met": targets_met(results, targets)}
         tmp = os.path.join(out, "final_metrics.json.tmp")
         with open(tmp, "w") as f:
             json.dump(final, f, indent=2, default=float)
@@ -383,7 +385,7 @@ def main(argv=None):
                            "skipped_images": skipped})
         trainer.log.close()
         plot_log(trainer.log.path, os.path.join(out, "plots"))
-        print(format_table(results, chance))
+        print(format_table(results, chance, targets))
         print(f"trained {trainer.step} steps; checkpoints, log.jsonl, tensorboard/, plots/ and "
               f"final_metrics.json in {out}")
     if dist.is_initialized():

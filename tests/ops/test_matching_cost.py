@@ -12,7 +12,7 @@ import torch
 
 from unit_fast import _backend
 from unit_fast.ops.hungarian_match.reference import _box_cxcywh_to_xyxy, _generalized_box_iou
-from unit_fast.ops.matching_cost import matching_cost, matching_cost_ref
+from unit_fast.ops.matching_cost import matching_cost
 from unit_fast.testing import assert_close_ref, devices
 
 COSTS = dict(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0)  # DETR/UniT defaults

@@ -107,6 +107,9 @@ def build_data(cfg, dataset_names):
     tok_path = data_cfg["tokenizer"] or synthetic_vocab
     if tok_path is None:
         tok_path = cfg["model"]["bert"]["pretrained"]
+    if tok_path is None:
+        raise ValueError("no tokenizer: set data.tokenizer (a vocab.txt or tokenizer folder) or "
+                         "model.bert.pretrained (a local BERT folder) when data.root is set")
     tokenizer = load_tokenizer(tok_path)
     sizes = ImageSizes(**{k: tuple(v) if isinstance(v, list) else v
                           for k, v in data_cfg["image_sizes"].items()})

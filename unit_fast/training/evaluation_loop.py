@@ -84,13 +84,27 @@ def evaluate_datasets(model, data, cfg, device, rank=0, world=1, batch_size=None
     return results
 
 
-def format_table(results, chance):
-    rows = [("task", "metric", "chance", "result")]
+def targets_met(results, targets):
+    """``{dataset: bool}`` for every dataset with a target: its headline metric >= the target."""
+    return {ds: results[ds].get(headline(ds), float("nan")) >= float(t)
+            for ds, t in (targets or {}).items() if ds in results}
+
+
+def format_table(results, chance, targets=None):
+    """The per-task table: task, headline metric, chance level, result; with ``targets``
+    (``{dataset: minimum}``) also each target and whether it was met."""
+    header = ("task", "metric", "chance", "result") + (("target", "met") if targets else ())
+    rows = [header]
+    met = targets_met(results, targets)
     for ds, metrics in results.items():
         name = headline(ds)
         c = chance.get(ds)
-        rows.append((ds, name, "-" if c is None else f"{c:.3f}", f"{metrics.get(name, float('nan')):.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        row = (ds, name, "-" if c is None else f"{c:.3f}", f"{metrics.get(name, float('nan')):.3f}")
+        if targets:
+            t = targets.get(ds)
+            row += ("-", "-") if t is None else (f"{float(t):.3f}", "yes" if met[ds] else "NO")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
