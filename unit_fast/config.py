@@ -44,8 +44,19 @@ def _read(name_or_path):
     return data, here
 
 
-def _merge(into, new, path, open_map=False):
-    """Merge ``new`` onto ``into`` in place; unknown keys raise unless inside an open map."""
+def _open_maps(defaults, path=""):
+    """Dotted paths of the open maps: the sections whose default is ``{}`` (any key allowed)."""
+    found = set()
+    for key, value in defaults.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if isinstance(value, dict):
+            found |= {dotted} if not value else _open_maps(value, dotted)
+    return found
+
+
+def _merge(into, new, path, open_map=False, open_maps=frozenset()):
+    """Merge ``new`` onto ``into`` in place; unknown keys raise unless inside an open map (a
+    section whose default is ``{}``: it stays open after a config fills it)."""
     for key, value in new.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in into:
@@ -55,7 +66,7 @@ def _merge(into, new, path, open_map=False):
             continue
         current = into[key]
         if isinstance(current, dict) and isinstance(value, dict):
-            _merge(current, value, dotted, open_map or not current)
+            _merge(current, value, dotted, open_map or not current or dotted in open_maps, open_maps)
         elif isinstance(current, dict) and value is not None and not open_map and current:
             raise ValueError(f"config key {dotted!r} is a section; got {value!r}")
         else:
@@ -98,9 +109,10 @@ def load_config(name_or_path, overrides=()):
     """The merged config dict of a packaged config name or a YAML path, plus ``overrides``."""
     cfg, _ = _read("defaults")
     cfg.pop("base", None)
+    open_maps = _open_maps(cfg)
     for name, data in _load_chain(name_or_path, {name_or_path}):
         try:
-            _merge(cfg, data, "")
+            _merge(cfg, data, "", open_maps=open_maps)
         except ValueError as exc:
             raise ValueError(f"config {name!r}: {exc}") from None
     for text in overrides:
@@ -108,6 +120,6 @@ def load_config(name_or_path, overrides=()):
         nested = value
         for k in reversed(keys):
             nested = {k: nested}
-        _merge(cfg, nested, "")
+        _merge(cfg, nested, "", open_maps=open_maps)
     cfg["config_name"] = os.path.splitext(os.path.basename(name_or_path))[0]
     return cfg

@@ -106,3 +106,15 @@ def test_config_file_with_unknown_key(tmp_path):
         load_config(str(path))
     path.write_text("base: tiny\nmodel:\n  base_args:\n    enc_layers: 1\n")
     assert load_config(str(path))["model"]["base_args"]["enc_layers"] == 1
+
+
+def test_open_maps_stay_open_after_a_config_fills_them():
+    """``model.bert.config`` defaults to ``{}`` (any BertConfig field): the default config fills
+    it, and an override may still add a field; closed sections still reject unknown keys."""
+    cfg = load_config("default", ["model.bert.config.hidden_act=gelu", "training.sampling.glue_qnli=0.5"])
+    assert cfg["model"]["bert"]["config"]["hidden_act"] == "gelu"
+    assert cfg["model"]["bert"]["config"]["hidden_size"] == 96  # the config's own fields kept
+    assert cfg["training"]["sampling"]["glue_qnli"] == 0.5
+    for bad in ("model.bert.hidden_act=gelu", "model.base_args.nope=1"):
+        with pytest.raises(ValueError, match="unknown config key"):
+            load_config("default", [bad])
