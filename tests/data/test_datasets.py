@@ -108,3 +108,27 @@ def test_bad_image_raises_naming_the_file_or_is_skipped_and_counted(synthetic, t
     items[1] = dict(items[1], image_path=str(tmp_path / "missing.jpg"))
     with pytest.raises((ValueError, FileNotFoundError), match="missing.jpg"):
         BatchCollator("detection_coco")(items)
+
+
+@pytest.mark.parametrize("name", ["vqa2", "visual_entailment"])
+def test_unreadable_header_is_raised_or_skipped_by_the_collator(synthetic, tmp_path, name, caplog):
+    """VQAv2 / SNLI-VE items read the image header for their plan: a missing or broken file does
+    not raise in ``__getitem__`` but travels to the collator, which raises it (naming the file) or
+    skips, counts and logs it; a batch with no readable image is a clear ValueError."""
+    import dataclasses
+
+    root, _ = synthetic
+    _, _, datasets = _datasets(root)
+    ds = datasets[name]
+    missing = str(tmp_path / "missing.jpg")
+    ds.records[1] = dataclasses.replace(ds.records[1], image_path=missing)
+    items = [ds[i] for i in range(3)]
+    assert items[1]["plan"] is None and "image_error" in items[1]
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        BatchCollator(name)(items)
+    with caplog.at_level("WARNING", logger="unit_fast.data.datasets"):
+        batch = BatchCollator(name, on_error="skip")(items)
+    assert batch["skipped"] == 1 and batch["image"].tensors.shape[0] == 2 and len(batch["targets"]) == 2
+    assert "missing.jpg" in caplog.text
+    with pytest.raises(ValueError, match="every image of this batch is unreadable.*missing.jpg"):
+        BatchCollator(name, on_error="skip")([items[1]])

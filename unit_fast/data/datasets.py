@@ -9,6 +9,7 @@ Random transforms are seeded by ``(seed, epoch, index)``: an item is the same wh
 makes it and however a run was resumed (``set_epoch`` as with ``DistributedSampler``).
 """
 
+import logging
 import random
 from dataclasses import dataclass
 
@@ -113,7 +114,7 @@ class VQADataset(_TextBase):
             scores = soft_scores(r.answers, self.vocab_index)
         item = {"image_path": r.image_path, **self._text(r.question),
                 "target": torch.as_tensor(scores, dtype=torch.float32)}
-        item["plan"] = _test_plan_from_file(r.image_path, self.sizes)
+        item.update(_test_plan_from_file(r.image_path, self.sizes))
         return item
 
 
@@ -127,7 +128,7 @@ class EntailmentDataset(_TextBase):
         r = self.records[index]
         return {"image_path": r.image_path, **self._text(r.hypothesis),
                 "target": torch.tensor(r.label, dtype=torch.int64),
-                "plan": _test_plan_from_file(r.image_path, self.sizes)}
+                **_test_plan_from_file(r.image_path, self.sizes)}
 
 
 class TextDataset(_TextBase):
@@ -142,12 +143,19 @@ class TextDataset(_TextBase):
 
 
 def _test_plan_from_file(path, sizes):
-    """The test plan of an image whose size the annotations do not give (VQAv2, SNLI-VE): PIL
-    parses the header only, so the file is not read twice (the collator reads and checks it
-    whole when it decodes; a missing file raises FileNotFoundError naming it)."""
-    with Image.open(path) as im:
-        w, h = im.size
-    return plan_detr_test(h, w, sizes.test_size, sizes.max_size)
+    """``{"plan": ...}``: the test plan of an image whose size the annotations do not give (VQAv2,
+    SNLI-VE). PIL parses the header only, so the file is not read twice (the collator reads it
+    whole when it decodes). An unreadable header gives ``{"plan": None, "image_error": exc}``
+    instead: the collator raises it or skips the item, like any other unreadable image."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError) as exc:  # missing, truncated, not an image
+        return {"plan": None, "image_error": exc}
+    return {"plan": plan_detr_test(h, w, sizes.test_size, sizes.max_size)}
+
+
+log = logging.getLogger(__name__)
 
 
 class BatchCollator:
@@ -159,7 +167,8 @@ class BatchCollator:
             installed).
         device: where images are decoded (``"cuda"``: DALI mixed / nvJPEG; default CPU).
         on_error: ``"raise"`` (a bad image raises, naming the file) or ``"skip"``: the batch
-            drops it and reports ``batch["skipped"]`` (a count the trainer adds up per epoch).
+            drops it, logs a warning naming the file and reports ``batch["skipped"]`` (a count
+            the trainer adds up per epoch); a batch with no readable image raises ValueError.
         dataset_type: ``"train"`` / ``"val"`` / ``"test"`` (loss-key prefix).
     """
 
@@ -170,22 +179,33 @@ class BatchCollator:
         self.on_error, self.dataset_type = on_error, dataset_type
 
     def _images(self, items):
-        paths = [it["image_path"] for it in items]
-        plans = [it["plan"] for it in items]
+        unread = [it for it in items if "image_error" in it]  # the dataset could not read the header
+        if unread and self.on_error == "raise":
+            raise unread[0]["image_error"]
+        good = [it for it in items if "image_error" not in it]
         try:
-            return decode.load_batch(paths, plans, backend=self.backend, device=self.device), items, 0
+            images = decode.load_batch([it["image_path"] for it in good], [it["plan"] for it in good],
+                                       backend=self.backend, device=self.device)
+            errors = [(it, it["image_error"]) for it in unread]
         except (ValueError, OSError):
             if self.on_error == "raise":
                 raise
-        # Find the bad files one by one; keep the rest.
-        kept, images = [], []
-        for it in items:
-            try:
-                images += decode.load_batch([it["image_path"]], [it["plan"]], backend=self.backend, device=self.device)
-                kept.append(it)
-            except (ValueError, OSError):
-                pass
-        return images, kept, len(items) - len(kept)
+            # Find the bad files one by one; keep the rest.
+            errors, images, decoded = [(it, it["image_error"]) for it in unread], [], []
+            for it in good:
+                try:
+                    images += decode.load_batch([it["image_path"]], [it["plan"]], backend=self.backend,
+                                                device=self.device)
+                    decoded.append(it)
+                except (ValueError, OSError) as exc:
+                    errors.append((it, exc))
+            good = decoded
+        for it, exc in errors:
+            log.warning("%s: skipped unreadable image %s (%s)", self.dataset_name, it["image_path"], exc)
+        if not good and items:
+            raise ValueError(f"{self.dataset_name}: every image of this batch is unreadable, e.g. "
+                             f"{errors[0][0]['image_path']} ({errors[0][1]})")
+        return images, good, len(errors)
 
     def __call__(self, items):
         from unit_fast.data.transforms import apply_plan_to_target
