@@ -253,7 +253,9 @@ def test_predict_cli_entry_point(run):
     (["--datasets", "glue_sst2", "data.root=/tmp", "data.tokenizer={vocab}",
       "data.datasets.glue_sst2={{train: {{tsv: /nonexistent/train.tsv}}, val: {{tsv: /nonexistent/d.tsv}}}}"],
      "data.datasets.glue_sst2.train.tsv: '/nonexistent/train.tsv' does not exist"),
-    (["--datasets", "glue_sst2", "data.root=/tmp"], "data.root is set but no tokenizer is"),
+    (["--datasets", "glue_sst2", "data.root=/tmp",
+      "data.datasets.glue_sst2={{train: {{tsv: /nonexistent/train.tsv}}, val: {{tsv: /nonexistent/d.tsv}}}}"],
+     "no tokenizer: set data.tokenizer"),
 ])
 def test_evaluate_bad_input(run, args, message, capsys):
     vocab = os.path.join(run.data.root, "vocab.txt")

@@ -24,6 +24,7 @@ import os
 import sys
 
 from unit_fast.training import restore
+from unit_fast.training.batches import resolve_device
 
 
 def parse_args(argv):
@@ -60,7 +61,7 @@ def prepare(args):
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.output:
         restore.check_output_folder(args.output, "--output")
-    device = restore.resolve_device(args.device)
+    device = resolve_device(args.device)
     checkpoint = restore.read_checkpoint(args.checkpoint)
     cfg = restore.checkpoint_config(checkpoint, args.config, args.overrides)
     datasets = select_datasets(cfg, args.datasets)

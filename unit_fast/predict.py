@@ -31,6 +31,7 @@ import sys
 import torch
 
 from unit_fast.training import restore
+from unit_fast.training.batches import resolve_device
 
 INPUTS = ("image", "question", "hypothesis", "text", "text_pair")
 # What each kind of dataset takes: (required inputs, optional inputs).
@@ -280,7 +281,7 @@ def main(argv=None):
             raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
         if args.save_image is not None:
             restore.check_output_folder(args.save_image, "--save-image")
-        device = restore.resolve_device(args.device)
+        device = resolve_device(args.device)
         checkpoint = restore.read_checkpoint(args.checkpoint)
         cfg = restore.checkpoint_config(checkpoint, args.config, args.overrides)
         served = restore.model_datasets(cfg)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from unit_fast.config import load_config
 from unit_fast.training import checkpoint as ckpt
-from unit_fast.training.batches import to_device
+from unit_fast.training.batches import resolve_device, to_device
 from unit_fast.training.evaluation_loop import chance_levels, evaluate_datasets, format_table, targets_met
 from unit_fast.training.loader import UpdateLoader
 from unit_fast.training.metadata import run_metadata
@@ -63,14 +63,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("training.device=cuda but no CUDA device is available")
-    return torch.device(name)
-
-
 def _check_options(cfg):
     """Options the loop reads directly: a wrong value is a one-line usage error, not a traceback."""
     t = cfg["training"]
@@ -89,15 +81,6 @@ def _check_options(cfg):
                              "MMF's float32 numerics)")
 
 
-def _configure_model(cfg, data):
-    """The model config fitted to the data: vocabulary size, VQA answers."""
-    m = cfg["model"]
-    if data.tokenizer is not None and m["bert"]["pretrained"] is None:
-        m["bert"]["config"]["vocab_size"] = len(data.tokenizer)
-    if data.answer_vocab is not None and "vqa2" in m["heads"].get("vl", {}):
-        m["heads"]["vl"]["vqa2"]["num_labels"] = len(data.answer_vocab)
-
-
 def _datasets_of(cfg):
     return [ds for qs in cfg["model"]["base_args"]["num_queries"].values() for ds in qs]
 
@@ -113,7 +96,7 @@ class Trainer:
         t, data_cfg = cfg["training"], cfg["data"]
         _check_options(cfg)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.device = _device(t["device"])
+        self.device = resolve_device(t["device"], "training.device")
         if self.distributed and not dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -125,10 +108,10 @@ class Trainer:
         os.makedirs(output_dir, exist_ok=True)
 
         # 3. data
-        from unit_fast.training.data import build_data
+        from unit_fast.training.data import build_data, configure_model
 
         self.data = build_data(cfg, _datasets_of(cfg))
-        _configure_model(cfg, self.data)
+        configure_model(cfg, self.data)
 
         # 4. model, optimizer, schedule, sampler, loader
         from unit_fast.data.datasets import BatchCollator
@@ -351,11 +334,6 @@ class Trainer:
     def skipped_images_total(self):
         """``{dataset: skipped training images}`` summed over ranks (every rank must call it)."""
         return {ds: int(self._sum_over_ranks(n)) for ds, n in self.skipped_images.total.items()}
-
-
-def evaluate(trainer, batch_size=None):
-    """``Trainer.evaluate``: every val dataset scored by the trainer's model."""
-    return trainer.evaluate(batch_size=batch_size)
 
 
 def main(argv=None):

@@ -90,6 +90,16 @@ def _need(paths, key, ds, split):
     return os.path.expanduser(str(value))
 
 
+def configure_model(cfg, data):
+    """Fit the model config to ``data`` in place: a from-scratch BERT's vocabulary size, the VQA
+    head's number of answers."""
+    m = cfg["model"]
+    if data.tokenizer is not None and m["bert"]["pretrained"] is None:
+        m["bert"]["config"]["vocab_size"] = len(data.tokenizer)
+    if data.answer_vocab is not None and "vqa2" in m["heads"].get("vl", {}):
+        m["heads"]["vl"]["vqa2"]["num_labels"] = len(data.answer_vocab)
+
+
 def build_data(cfg, dataset_names):
     """``RunData`` with train and val datasets for ``dataset_names`` (the model's datasets)."""
     data_cfg = cfg["data"]

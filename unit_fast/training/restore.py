@@ -47,17 +47,6 @@ def one_line(exc):
     return "; ".join(lines) or exc.__class__.__name__
 
 
-def resolve_device(name):
-    """``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"`` -> ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available")
-    return torch.device(name)
-
-
 def check_output_folder(path, option):
     """FileNotFoundError naming ``option`` when the folder ``path`` would be written into is missing
     (checked before any work, not after it)."""
@@ -137,17 +126,11 @@ def model_datasets(cfg):
 
 def build_eval_data(cfg, datasets):
     """``build_data(cfg, datasets)`` with the model config fitted to it as the trainer fits it
-    (vocabulary size, VQA answers).  A real-data config that names no tokenizer at all is refused
-    here with a message (``build_data`` would fail on it with a TypeError)."""
-    from unit_fast.train import _configure_model
-    from unit_fast.training.data import build_data
+    (vocabulary size, VQA answers)."""
+    from unit_fast.training.data import build_data, configure_model
 
-    d = cfg["data"]
-    if d["root"] is not None and not d["tokenizer"] and not cfg["model"]["bert"]["pretrained"]:
-        raise ValueError("data.root is set but no tokenizer is: set data.tokenizer to the run's vocab.txt "
-                         "(or tokenizer folder)")
     data = build_data(cfg, datasets)
-    _configure_model(cfg, data)
+    configure_model(cfg, data)
     return data
 
 
