@@ -287,3 +287,62 @@ def test_predict_bad_input(run, args, message, capsys):
         args = ["--checkpoint", run.ckpt, *args]
     assert predict.main(args) == 2
     _assert_one_line_error(capsys, message)
+
+
+# -- the README's examples -------------------------------------------------------------------------
+
+
+def _readme_examples():
+    """The commands of the README's evaluation and prediction block: ``[(argv, comment)]``, with
+    continuation lines joined and ``comment`` the text after ``#`` ("" without one)."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    start = text.index("**Evaluation and prediction**")
+    begin = text.index("```bash\n", start) + len("```bash\n")
+    block = text[begin:text.index("\n```", begin)].replace("\\\n", " ")
+    return [(shlex.split(line, comments=True), line.partition(" # ")[2].strip())
+            for line in block.splitlines()]
+
+
+def test_readme_examples_run_after_the_quick_start(run, tmp_path, monkeypatch, capsys):
+    """Every README line on ``--checkpoint runs`` (the quick start's output folder; here the smoke
+    run's folder in its place) and the sample picture's line run as written, from a fresh folder;
+    the comments' true answers are the sample picture's; every text is in the default run's
+    vocabulary (no word split into pieces)."""
+    from unit_fast.data import sample_image, synthetic
+
+    examples = _readme_examples()
+    runnable = [(argv, c) for argv, c in examples if "runs" in argv or "unit_fast.data.sample_image" in argv]
+    modules = [argv[2] for argv, _ in runnable]
+    assert modules.count("unit_fast.evaluate") == 2 and modules.count("unit_fast.predict") == 5, examples
+    assert modules.index("unit_fast.data.sample_image") < modules.index("unit_fast.predict")
+    mains = {"unit_fast.evaluate": evaluate.main, "unit_fast.predict": predict.main,
+             "unit_fast.data.sample_image": sample_image.main}
+    monkeypatch.chdir(tmp_path)
+    truth = sample_image.describe(sample_image.sample_scene())
+    texts = []
+    for argv, comment in runnable:
+        assert argv[:2] == ["python", "-m"], argv
+        args = [str(run.out) if a == "runs" and prev == "--checkpoint" else a
+                for prev, a in zip(["", *argv], argv, strict=False)][3:]
+        assert mains[argv[2]](args) == 0, (argv, capsys.readouterr().err)
+        capsys.readouterr()
+        given = dict(zip(args, args[1:], strict=False))
+        if "--question" in given:
+            assert (given["--question"], comment) == (truth["question"], truth["answer"])
+        if "--hypothesis" in given:
+            assert (given["--hypothesis"], comment) == (truth["hypothesis"], truth["label"])
+        if "--save-image" in given:
+            assert comment == f"{len(truth['shapes'])} shapes"
+            assert os.path.isfile(given["--save-image"])
+        texts += [given[k] for k in ("--question", "--hypothesis", "--text", "--text-pair") if k in given]
+    assert os.path.isfile("shapes.jpg") and os.path.isfile("m.json") and len(texts) == 5
+    # The default run's vocabulary: its data, generated as its config says.
+    synth = load_config("default")["data"]["synthetic"]
+    vocab_file = synthetic.generate(tmp_path / "data", **synth)["files"]["vocab"]
+    with open(vocab_file) as f:
+        vocab = set(f.read().split())
+    for t in texts:
+        assert set(synthetic._words(t)) <= vocab, t

@@ -124,15 +124,19 @@ def _cfg(train_cache, *extra):
 
 def test_resume_continues_exactly(train_cache, tmp_path):
     """N steps straight == k steps, a resume from the checkpoint, N - k steps: bitwise on CPU
-    (model, optimizer and schedule, task sampler, data streams and every RNG are restored)."""
-    straight = Trainer(_cfg(train_cache, "training.max_updates=4"), str(tmp_path / "a"))
+    (model, optimizer and schedule, task sampler, data streams and every RNG are restored).
+    Dropout is on, so the torch RNG state at the checkpoint decides the resumed steps' masks."""
+    dropout = "model.base_args.dropout=0.1"
+    straight = Trainer(_cfg(train_cache, dropout, "training.max_updates=4"), str(tmp_path / "a"))
     straight.train(progress=False)
-    every2 = ("training.max_updates=4", "training.checkpoint_every=2")
+    every2 = (dropout, "training.max_updates=4", "training.checkpoint_every=2")
     first = Trainer(_cfg(train_cache, *every2), str(tmp_path / "b"))
     first.train(max_updates=2, progress=False)
     resumed = Trainer(_cfg(train_cache, *every2), str(tmp_path / "b"), resume="latest")
     assert resumed.step == 2
     resumed.train(progress=False)
+    # Step by step, the resumed segment's losses are the uninterrupted run's.
+    assert train_losses(tmp_path / "b") == train_losses(tmp_path / "a")
     a = params(straight.model)
     assert_same_params(a, params(resumed.model))
     before = params(Trainer(_cfg(train_cache), str(tmp_path / "c")).model)
@@ -215,3 +219,21 @@ def test_table_shows_targets_and_whether_they_are_met():
     assert lines[3].split() == ["glue_sst2", "accuracy", "0.500", "0.840", "0.900", "NO"]
     assert lines[4].split() == ["vqa2", "accuracy", "-", "0.600", "-", "-"]
     assert format_table(results, {}).splitlines()[0].split() == ["task", "metric", "chance", "result"]
+
+
+def child_env():
+    """``ONE_THREAD_ENV`` for a subprocess that must import this very ``unit_fast`` (the checkout
+    the tests run from, not an installed copy): its root goes first on ``PYTHONPATH``."""
+    import unit_fast
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(unit_fast.__file__)))
+    path = [root, *filter(None, ONE_THREAD_ENV.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**ONE_THREAD_ENV, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def train_losses(output_dir):
+    """``{step: loss}`` of the train records in ``output_dir/log.jsonl``."""
+    from unit_fast.training.report import read_log
+
+    return {r["step"]: r["loss"] for r in read_log(os.path.join(str(output_dir), "log.jsonl"))
+            if r["event"] == "train"}

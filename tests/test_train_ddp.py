@@ -1,4 +1,10 @@
-"""2-process DDP on CPU (gloo, ``torchrun``) equals 1 process with the same global batch."""
+"""2-process DDP on CPU (gloo, ``torchrun``) equals 1 process with the same global batch.
+
+Run as ``torchrun -m tests.test_train_ddp ARGS`` this module is one rank of
+``python -m unit_fast.train ARGS`` that also writes the micro-batches it trained on to
+``$UNIT_FAST_TEST_CONSUMED/rank<RANK>.json``: equal weights alone would not show that each rank
+took only its share (DETR's ``num_boxes / world`` makes N ranks that each train on the whole
+global batch end where one process ends)."""
 
 import json
 import os
@@ -10,13 +16,27 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.test_train import ONE_THREAD_ENV, SMALL_CONFIG, params
+from tests.test_train import SMALL_CONFIG, child_env, params
 from unit_fast.config import load_config
 from unit_fast.train import Trainer
 from unit_fast.training import checkpoint as ckpt
+from unit_fast.training import loader
 from unit_fast.training.data import synthetic_paths, synthetic_root
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _recording(consumed):
+    """A ``_Collate.__call__`` that also appends ``[dataset, epoch, indices]`` of every micro-batch
+    it collates to ``consumed``: the items the process trained on, in order."""
+    collate = loader._Collate.__call__
+
+    def record(self, keyed):
+        out = collate(self, keyed)
+        consumed.append(list(out[0]))
+        return out
+
+    return record
 
 
 def _square_detection(src, dst):
@@ -62,25 +82,46 @@ def square_config(train_cache, tmp_path_factory):
 
 
 def test_two_process_ddp_equals_one_process(square_config, tmp_path):
-    """``torchrun --nproc_per_node=2``: both ranks draw the same tasks, each takes its half of
-    the global batch of 4, DDP averages the gradients (``no_sync`` for the first of the update's
-    two task micro-batches), only rank 0 writes, and evaluation merges both ranks' shares.  The
-    weights after 3 updates equal a 1-process run's within fp32 summation-order noise."""
+    """``torchrun --nproc_per_node=2``: both ranks draw the same tasks, each trains on its half
+    of the 1-process run's global batch of 4 (rows ``r::2``, as each rank records), DDP averages
+    the gradients (``no_sync`` for the first of the update's two task micro-batches), only rank 0
+    writes, and evaluation merges both ranks' shares.  The weights after 3 updates equal a
+    1-process run's within fp32 summation-order noise."""
     overrides = ["training.max_updates=3", "training.tasks_per_step=2", "training.checkpoint_every=3",
                  "training.sampling_mode=ratios", "training.sampling={detection_coco: 0.5, glue_sst2: 0.5}",
                  # A large eps keeps Adam's update linear in the gradient: with 1e-8 a gradient
                  # element that is zero up to rounding becomes a +-lr step whose sign is noise.
                  "training.eps=1.0e-3"]
-    out = tmp_path / "ddp"
+    out, consumed = tmp_path / "ddp", tmp_path / "consumed"
+    consumed.mkdir()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command = [*torchrun, "-m", "unit_fast.train", "--config", square_config, "--output-dir", str(out),
+    command = [*torchrun, "-m", "tests.test_train_ddp", "--config", square_config, "--output-dir", str(out),
                *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ONE_THREAD_ENV)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**child_env(), "UNIT_FAST_TEST_CONSUMED": str(consumed)})
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     single = Trainer(load_config(square_config, overrides), str(tmp_path / "single"))
     before = params(single.model)
-    single.train(progress=False)
+    whole = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loader._Collate, "__call__", _recording(whole))
+        single.train(progress=False)
+
+    # Each rank trained on its share of the 1-process run's global batches and on nothing else:
+    # rank r on rows r, r + 2, ... of every micro-batch; the shares are disjoint and together the batch.
+    shares = [json.loads((consumed / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(whole) == 3 * 2 and all(len(s) == len(whole) for s in shares)  # 3 updates x 2 tasks
+    for j, (ds, epoch, batch) in enumerate(whole):
+        assert len(batch) == 4, whole
+        mine = [s[j][2] for s in shares]
+        assert all(s[j][:2] == [ds, epoch] for s in shares), (j, [s[j] for s in shares], whole[j])
+        assert not set(mine[0]) & set(mine[1]), f"micro-batch {j}: ranks share items {mine}"
+        assert sorted(mine[0] + mine[1]) == sorted(batch), f"micro-batch {j}: {mine} is not {batch}"
+        assert mine == [batch[0::2], batch[1::2]], (
+            f"micro-batch {j}: {mine} are not the r::2 shares of {batch}")
+
     ddp = ckpt.load(str(out / "checkpoints" / "checkpoint_00000003.pt"))["model"]
     ref = params(single.model)
     assert ddp.keys() == ref.keys()
@@ -105,3 +146,15 @@ def test_two_process_ddp_equals_one_process(square_config, tmp_path):
     assert final.keys() == expected.keys()
     for ds in expected:
         assert final[ds] == pytest.approx(expected[ds], abs=1e-6), ds
+
+
+if __name__ == "__main__":
+    from unit_fast.train import main
+
+    taken = []
+    loader._Collate.__call__ = _recording(taken)
+    status = main(sys.argv[1:])
+    rank_file = os.path.join(os.environ["UNIT_FAST_TEST_CONSUMED"], f"rank{os.environ['RANK']}.json")
+    with open(rank_file, "w") as f:
+        json.dump(taken, f)
+    sys.exit(status)

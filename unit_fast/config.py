@@ -123,3 +123,32 @@ def load_config(name_or_path, overrides=()):
         _merge(cfg, nested, "", open_maps=open_maps)
     cfg["config_name"] = os.path.splitext(os.path.basename(name_or_path))[0]
     return cfg
+
+
+def config_summary(name):
+    """The first sentence of a packaged config's leading ``#`` comment block, or "" without one."""
+    import re
+
+    lines = []
+    for line in resources.files("unit_fast").joinpath(CONFIG_DIR, f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(s for s in lines if s)
+    return re.split(r"(?<=\.)\s", text, maxsplit=1)[0] if text else ""
+
+
+def packaged_configs_epilog(width=79):
+    """The help epilog of the CLIs that take ``--config``: every packaged config name, each with
+    its ``config_summary`` wrapped below it to ``width`` columns (pre-formatted: for
+    ``argparse.RawDescriptionHelpFormatter``)."""
+    import textwrap
+
+    out = ["packaged configs (--config NAME; --config also takes a path to a .yaml file):"]
+    for name in config_names():
+        out.append(f"  {name}")
+        summary = config_summary(name)
+        if summary:
+            out.extend(textwrap.wrap(summary, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                     break_long_words=False, break_on_hyphens=False))
+    return "\n".join(out)

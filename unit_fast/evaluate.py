@@ -23,13 +23,30 @@ import json
 import os
 import sys
 
+from unit_fast.atomic import atomic_write
+from unit_fast.config import packaged_configs_epilog
 from unit_fast.training import restore
 from unit_fast.training.batches import resolve_device
 
+# The --help description: complete sentences, wrapped here (RawDescriptionHelpFormatter).
+DESCRIPTION = """\
+Scores a trained UniT checkpoint on the val split of every dataset its model
+serves (or of --datasets) with the trainer's evaluation loop, and prints one
+table row per dataset: its metric, with the chance level where the data is the
+synthetic default.
+
+The config is the checkpoint's own with the key=value overrides on top (for
+example the real datasets' paths on this machine); an MMF checkpoint has none,
+so it needs --config. --output also writes the metrics as JSON: "checkpoint",
+"step", "config_name", "metrics" {dataset: {metric: value}} and "chance"
+{dataset: value}. Bad input prints one "error:" line and exits with status 2."""
+
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m unit_fast.evaluate", description=__doc__.split("\n\n")[1])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run folder (its newest one)")
+    p = argparse.ArgumentParser(prog="python -m unit_fast.evaluate", description=DESCRIPTION,
+                                epilog=packaged_configs_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    restore.add_checkpoint_arguments(p)
     p.add_argument("--config", default=None,
                    help="a packaged config name or a .yaml path (default: the checkpoint's own config)")
     p.add_argument("--datasets", default=None, help="comma-separated dataset names (default: the model's)")
@@ -62,21 +79,18 @@ def prepare(args):
     if args.output:
         restore.check_output_folder(args.output, "--output")
     device = resolve_device(args.device)
-    checkpoint = restore.read_checkpoint(args.checkpoint)
+    checkpoint = restore.read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     cfg = restore.checkpoint_config(checkpoint, args.config, args.overrides)
     datasets = select_datasets(cfg, args.datasets)
     data = restore.build_eval_data(cfg, datasets)
     if checkpoint.meta is not None:
         check_data_matches(checkpoint.meta, data)
-    model = restore.restore_model(checkpoint, cfg, device)
+    model = restore.restore_model(checkpoint, cfg, device, trust=args.trust_checkpoint)
     return checkpoint, cfg, data, model, device, datasets
 
 
 def _write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, default=float), binary=False)
 
 
 def main(argv=None):

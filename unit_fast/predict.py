@@ -30,6 +30,8 @@ import sys
 
 import torch
 
+from unit_fast.atomic import atomic_write, image_format
+from unit_fast.config import packaged_configs_epilog
 from unit_fast.training import restore
 from unit_fast.training.batches import resolve_device
 
@@ -40,9 +42,34 @@ _NEEDS = {"detection": (("image",), ()), "vqa2": (("image", "question"), ()),
 _COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
 
 
+# The --help description: complete sentences, wrapped here (RawDescriptionHelpFormatter).
+DESCRIPTION = """\
+Predicts with a trained UniT checkpoint on one input. The inputs given choose
+the task:
+
+  --image                         detection: every box scoring at least
+                                  --threshold, as category, score and box in
+                                  the image's pixels (--save-image draws them)
+  --image --question TEXT         vqa2: the answer and the --top-k best ones
+  --image --hypothesis TEXT       visual_entailment: the label and the three
+                                  probabilities
+  --text TEXT [--text-pair TEXT]  a GLUE task: the label and its probabilities
+
+--task DATASET picks the dataset where the model serves several of one kind
+(the embedded default has two GLUE tasks, glue_sst2 and glue_qnli). --json
+prints the result as one JSON object. A picture like the synthetic training
+images, to try a model on, is written by
+
+  python -m unit_fast.data.sample_image shapes.jpg
+
+Bad input prints one "error:" line and exits with status 2."""
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m unit_fast.predict", description=__doc__.split("\n\n")[1])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file, or a run folder (its newest one)")
+    p = argparse.ArgumentParser(prog="python -m unit_fast.predict", description=DESCRIPTION,
+                                epilog=packaged_configs_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    restore.add_checkpoint_arguments(p)
     p.add_argument("--image", default=None, help="a JPEG or PNG image")
     p.add_argument("--question", default=None, help="a question about --image (vqa2)")
     p.add_argument("--hypothesis", default=None, help="a hypothesis about --image (visual_entailment)")
@@ -234,22 +261,50 @@ def predict(model, batch, ds, task, meta, cfg, size, device, threshold=0.5, top_
     return _classification(ds, task, out, entry, loss_type, top_k)
 
 
+def drawing_scale(width, height):
+    """``(line_width, font_size, padding)`` in pixels for drawing on a ``width x height`` image:
+    proportional to its short side, so that a 64 px picture (the synthetic default's) keeps most
+    of itself visible and a photo gets captions large enough to read. 8 px is the smallest font
+    that stays legible; 1 px the thinnest line."""
+    short = min(width, height)
+    return max(1, round(short / 200)), max(8, round(short / 25)), round(short / 160)
+
+
+def _caption_font(size):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no size: its one bitmap font (about 11 px)
+        return ImageFont.load_default()
+
+
 def draw_detections(image_path, detections, out_path):
-    """Write ``image_path`` with each detection's box and ``name score`` drawn, to ``out_path``."""
+    """Write ``image_path`` with each detection's box and ``name score`` caption drawn, to
+    ``out_path`` (same size; the format from its extension). Line width, font and caption box
+    scale with the image (``drawing_scale``). A caption sits above its box, or inside the box's
+    top edge where there is no room above, shifted left where it would leave the image; where
+    captions overlap, the better detection's (earlier in ``detections``) is on top."""
     from PIL import Image, ImageDraw
 
     with Image.open(image_path) as im:
         canvas = im.convert("RGB")
+    line, size, pad = drawing_scale(*canvas.size)
+    font = _caption_font(size)
     draw = ImageDraw.Draw(canvas)
-    for d in detections:
+    for d in detections:  # every box first, so that no box line crosses a caption
+        draw.rectangle(d["box"], outline=_COLORS[d["label"] % len(_COLORS)], width=line)
+    for d in reversed(detections):  # the best (first) caption drawn last: on top where they overlap
         color = _COLORS[d["label"] % len(_COLORS)]
-        x0, y0, x1, y1 = d["box"]
-        draw.rectangle([x0, y0, x1, y1], outline=color, width=2)
+        x0, y0 = d["box"][:2]
         caption = f"{d['name']} {d['score']:.2f}"
-        tx, ty = x0, max(0.0, y0 - 11)  # above the box, or inside it at the top edge
-        draw.rectangle(draw.textbbox((tx, ty), caption), fill=color)
-        draw.text((tx, ty), caption, fill="white")
-    canvas.save(out_path)
+        left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)  # ink extent at the origin
+        w, h = right - left + 2 * pad, bottom - top + 2 * pad  # the caption box
+        bx = min(max(0.0, x0), max(0.0, canvas.width - w))
+        by = y0 - h if y0 - h >= 0 else max(0.0, y0)
+        draw.rectangle([bx, by, bx + w - 1, by + h - 1], fill=color)
+        draw.text((bx + pad - left, by + pad - top), caption, fill="white", font=font)
+    atomic_write(out_path, lambda f: canvas.save(f, format=image_format(out_path, "--save-image")))
 
 
 def format_result(r, args):
@@ -282,13 +337,13 @@ def main(argv=None):
         if args.save_image is not None:
             restore.check_output_folder(args.save_image, "--save-image")
         device = resolve_device(args.device)
-        checkpoint = restore.read_checkpoint(args.checkpoint)
+        checkpoint = restore.read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
         cfg = restore.checkpoint_config(checkpoint, args.config, args.overrides)
         served = restore.model_datasets(cfg)
         ds = choose_dataset(args, served)
         meta = _metadata(checkpoint, cfg, ds)
         batch, size = build_batch(ds, served[ds], meta, args, cfg["data"]["decode_backend"])
-        model = restore.restore_model(checkpoint, cfg, device)
+        model = restore.restore_model(checkpoint, cfg, device, trust=args.trust_checkpoint)
         result = predict(model, batch, ds, served[ds], meta, cfg, size, device, args.threshold, args.top_k)
         if args.save_image is not None:
             draw_detections(args.image, result["detections"], args.save_image)

@@ -29,13 +29,18 @@ and exits with status 2, no traceback.
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
+from unit_fast import checkpoint_io
+from unit_fast.atomic import atomic_write
 from unit_fast.config import load_config
 from unit_fast.training import checkpoint as ckpt
 from unit_fast.training.batches import resolve_device, to_device
@@ -53,14 +58,48 @@ class UsageError(Exception):
     """Bad command-line input: reported in one line, exit status 2."""
 
 
+LATEST = "latest"  # --resume with no PATH
+RUNS = "runs"  # where runs go without --output-dir / training.output_dir
+
+
+DESCRIPTION = """\
+Trains a UniT model on one or several tasks and evaluates it. With no
+arguments it generates the synthetic default data (once), trains the default
+config on all of its tasks, and prints one row per task: its metric, the
+chance level, the result and the target.
+
+Output goes to --output-dir (default: training.output_dir, else
+runs/<config>-<time>): checkpoints/, log.jsonl, tensorboard/, plots/ and
+final_metrics.json. Ctrl-C (or SIGTERM) finishes the current step, writes a
+checkpoint and prints the command that resumes; a second one stops at once.
+Bad input prints one "error:" line and exits with status 2."""
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m unit_fast.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="default", help="a packaged config name or a .yaml path")
-    p.add_argument("--output-dir", default=None, help="default: training.output_dir or runs/<config>-<time>")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from the output folder's newest checkpoint, or from PATH")
+    from unit_fast.config import packaged_configs_epilog
+
+    p = argparse.ArgumentParser(prog="python -m unit_fast.train", description=DESCRIPTION,
+                                epilog=packaged_configs_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default", 
+                   help="a packaged config name or a .yaml path (default: default)")
+    p.add_argument("--output-dir", default=None,
+                   help="default: training.output_dir, else runs/<config>-<time>")
+    p.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="RUN|CHECKPOINT",
+                   help="continue a stopped run: from a run folder (its newest checkpoint that loads) or a "
+                        "checkpoint file, with the run's own config (key=value overrides apply on top); "
+                        "alone: the --output-dir run, else the newest run of --config in runs/")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="fully unpickle the checkpoints this run reads (--resume, training.init_from, "
+                        "model.base_ckpt_path, backbone weights), which can run code stored in them: only "
+                        "for files whose source you trust (default: weights only, anything else is refused)")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # "--resume key=value": argparse gives the optional PATH the first override.
+    if args.resume not in (None, LATEST) and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.insert(0, args.resume)
+        args.resume = LATEST
+    return args
 
 
 def _check_options(cfg):
@@ -89,10 +128,86 @@ def _one_line(exc):
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
+class GracefulStop:
+    """While active (``with``), SIGINT and SIGTERM only set ``requested`` (the signal's name): the
+    loop finishes its step, checkpoints and returns.  A second signal raises KeyboardInterrupt at
+    once.  Outside the main thread (signals can't be caught there) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested, self._previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+        return False
+
+
+def run_folder_of(checkpoint_path):
+    """The run folder a checkpoint belongs to (``RUN/checkpoints/checkpoint_*.pt`` -> ``RUN``)."""
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
+def find_resume(target, trust=False):
+    """``(path, state)`` of the checkpoint a resume starts from.
+
+    ``target``: a run folder (its newest checkpoint that loads; newer torn or corrupt ones are
+    skipped with a warning naming them), or a checkpoint file, which must load.  Anything else
+    is a one-line ``UsageError``; a file that needs trust raises ``UntrustedCheckpointError``."""
+    target = os.path.expanduser(str(target))
+    if os.path.isdir(target):
+        folder = ckpt.checkpoint_folder(target)
+        if folder is None:
+            raise UsageError(f"--resume: no checkpoint in {target!r} or its checkpoints/ folder")
+        path, state, skipped = ckpt.newest_loadable(folder, trust=trust)
+        for bad, why in skipped:
+            warnings.warn(f"--resume: skipped {bad}: {why}", stacklevel=2)
+        if path is None:
+            raise UsageError(f"--resume: no checkpoint in {folder!r} loads ({skipped[0][1]})")
+        return path, state
+    if not os.path.isfile(target):
+        raise UsageError(f"--resume: {target!r} does not exist (pass a run folder or a checkpoint file)")
+    try:
+        return target, ckpt.load(target, trust=trust)
+    except checkpoint_io.UntrustedCheckpointError:
+        raise
+    except ValueError as exc:
+        raise UsageError(f"--resume: {_one_line(exc)}") from None
+
+
 class Trainer:
-    def __init__(self, cfg, output_dir, resume=None):
+    """The training run in ``output_dir`` (created only once everything is set up).
+
+    Args:
+        resume: None (a new run); ``"latest"``: the newest checkpoint of ``output_dir`` that loads;
+            a run folder or checkpoint file (``find_resume``); or ``(path, state)`` already loaded.
+        trust_checkpoint: fully unpickle the checkpoints read (resume, ``training.init_from``,
+            ``model.base_ckpt_path``, backbone weights); they may run code: trusted files only.
+    """
+
+    def __init__(self, cfg, output_dir, resume=None, trust_checkpoint=False):
         # 1-2. output, distributed, seeds
-        self.cfg, self.out = cfg, output_dir
+        self.cfg, self.out, self.trust = cfg, output_dir, trust_checkpoint
+        self.interrupted = None  # the signal's name once SIGINT / SIGTERM stopped the run
+        if resume == LATEST:
+            resume = os.path.join(output_dir, "checkpoints")
+            if ckpt.checkpoint_folder(resume) is None:
+                raise UsageError(f"--resume: no checkpoint in {resume}")
+        if resume is not None and not isinstance(resume, tuple):
+            resume = find_resume(resume, trust=trust_checkpoint)
         t, data_cfg = cfg["training"], cfg["data"]
         _check_options(cfg)
         self.distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -105,7 +220,6 @@ class Trainer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         torch.manual_seed(t["seed"] + self.rank)
-        os.makedirs(output_dir, exist_ok=True)
 
         # 3. data
         from unit_fast.training.data import build_data, configure_model
@@ -118,7 +232,7 @@ class Trainer:
         from unit_fast.models.unit import build_model
 
         torch.manual_seed(t["seed"])  # identical initial weights on every rank
-        self.model = build_model(cfg).to(self.device)
+        self.model = build_model(cfg, trust=trust_checkpoint).to(self.device)
         self.model.set_backend(cfg["model"]["backend"])
         # A resumed run's weights come from its checkpoint; init_from only starts a new run.
         init_report = self._init_from(t["init_from"]) if t["init_from"] and resume is None else None
@@ -149,21 +263,27 @@ class Trainer:
         self.last_eval = None  # (step, results) of the latest evaluation
 
         # 5. resume
+        self.resumed_from = None
         if resume is not None:
-            path = ckpt.latest(os.path.join(output_dir, "checkpoints")) if resume == "latest" else resume
-            if path is None:
-                raise UsageError(f"--resume: no checkpoint in {os.path.join(output_dir, 'checkpoints')}")
-            if not os.path.isfile(path):
-                raise UsageError(f"--resume: {path} does not exist")
-            self._load(path)
+            self._load(*resume)
+            self.resumed_from = resume[0]
+        if self.rank == 0:  # the run starts: only now does its folder exist
+            os.makedirs(output_dir, exist_ok=True)
         self.log = RunLog(output_dir, enabled=self.rank == 0,
                           resume_step=self.step if resume is not None else None)
         if self.rank == 0:
             ckpt.remove_temporaries(os.path.join(output_dir, "checkpoints"))  # left by a run killed mid-save
+        if resume is not None:
+            self.log.write({"step": self.step, "event": "resume", "checkpoint": resume[0]})
         if init_report is not None:
             self.log.write({"step": 0, "event": "init_from", "path": init_report.path,
                             "missing": init_report.missing, "unexpected": init_report.unexpected,
                             "renamed": init_report.renamed, "dropped": init_report.dropped})
+        reports = getattr(self.data, "read_reports", {})
+        self.skipped_records = {ds: int(r.skipped) for ds, r in reports.items()}
+        if any(self.skipped_records.values()):
+            self.log.write({"step": self.step, "event": "skipped_records",
+                            "skipped_records": self.skipped_records})
 
     def _init_from(self, path):
         """``training.init_from``: load an MMF UniT (or unit_fast) checkpoint's weights, non-strictly;
@@ -173,8 +293,9 @@ class Trainer:
         if not os.path.isfile(os.path.expanduser(str(path))):
             raise UsageError(f"training.init_from: {path} does not exist")
         try:
-            report = load_mmf_checkpoint(os.path.expanduser(str(path)), self.model, strict=False)
-        except (RuntimeError, ValueError) as exc:  # shape mismatches, not a checkpoint
+            report = load_mmf_checkpoint(os.path.expanduser(str(path)), self.model, strict=False,
+                                         trust=self.trust)
+        except (RuntimeError, ValueError) as exc:  # shape mismatches, not a checkpoint, refused
             raise UsageError(f"training.init_from: {_one_line(exc)}") from None
         if self.rank == 0:
             print(report)
@@ -195,8 +316,8 @@ class Trainer:
             ckpt.save(os.path.join(self.out, "checkpoints"), self.step, self._payload(),
                       keep=self.cfg["training"]["keep_checkpoints"])
 
-    def _load(self, path):
-        state = ckpt.load(path)
+    def _load(self, path, state):
+        """Continue from the checkpoint ``state`` (read from ``path``)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -275,7 +396,19 @@ class Trainer:
         return tasks, {"loss": total, "task_loss": {ds: task_sum[ds] / task_count[ds] for ds in task_sum},
                        "losses": {k: term_sum[k] / term_count[k] for k in term_sum}}
 
+    def _stop_requested(self, stop):
+        """Whether to stop now: a signal reached this process (any rank, under DDP: all ranks must
+        stop after the same step, or the next collective hangs)."""
+        if not self.distributed:
+            return stop.requested is not None
+        flag = torch.tensor(float(stop.requested is not None), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def train(self, max_updates=None, progress=True):
+        """Train to ``max_updates`` (default ``training.max_updates``).  SIGINT / SIGTERM finish
+        the current step, write a checkpoint and return with ``self.interrupted`` set to the
+        signal's name; a second signal raises ``KeyboardInterrupt`` at once."""
         t = self.cfg["training"]
         max_updates = t["max_updates"] if max_updates is None else max_updates
         bar = None
@@ -285,30 +418,36 @@ class Trainer:
             bar = tqdm(total=max_updates, initial=self.step, desc="train", dynamic_ncols=True)
         samples_per_update = t["batch_size"] * t["accumulate"] * t["tasks_per_step"]
         since, samples = time.perf_counter(), 0  # throughput since the last train record
+        stop = GracefulStop()
         try:
-            while self.step < max_updates:
-                tasks, stats = self.train_step()
-                samples += samples_per_update
-                if stats is not None and (self.step % t["log_every"] == 0 or self.step == max_updates):
-                    rate = samples / max(1e-9, time.perf_counter() - since)
-                    loss = float(stats["loss"])  # host sync, on log steps only
-                    record = {"step": self.step, "event": "train", "tasks": tasks, "loss": loss,
-                              "task_loss": {k: float(v) for k, v in stats["task_loss"].items()},
-                              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
-                              "losses": {k: float(v) for k, v in stats["losses"].items()}}
-                    self.log.write(record)
-                    since, samples = time.perf_counter(), 0
+            with stop:
+                while self.step < max_updates:
+                    tasks, stats = self.train_step()
+                    samples += samples_per_update
+                    if stats is not None and (self.step % t["log_every"] == 0 or self.step == max_updates):
+                        rate = samples / max(1e-9, time.perf_counter() - since)
+                        loss = float(stats["loss"])  # host sync, on log steps only
+                        record = {"step": self.step, "event": "train", "tasks": tasks, "loss": loss,
+                                  "task_loss": {k: float(v) for k, v in stats["task_loss"].items()},
+                                  "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
+                                  "losses": {k: float(v) for k, v in stats["losses"].items()}}
+                        self.log.write(record)
+                        since, samples = time.perf_counter(), 0
+                        if bar is not None:
+                            bar.set_postfix(task="+".join(dict.fromkeys(tasks)), loss=f"{record['loss']:.3f}",
+                                            lr=f"{record['lr']:.2e}", samples_s=f"{rate:.1f}")
                     if bar is not None:
-                        bar.set_postfix(task="+".join(dict.fromkeys(tasks)), loss=f"{record['loss']:.3f}",
-                                        lr=f"{record['lr']:.2e}", samples_s=f"{rate:.1f}")
-                if bar is not None:
-                    bar.update(1)
-                if t["eval_every"] and self.step % t["eval_every"] == 0:
-                    started = time.perf_counter()
-                    self.evaluate()
-                    since += time.perf_counter() - started  # evaluation time is not training throughput
-                if self.step % t["checkpoint_every"] == 0 or self.step == max_updates:
-                    self.save()
+                        bar.update(1)
+                    if self._stop_requested(stop):
+                        self.save()
+                        self.interrupted = stop.requested or "a signal on another rank"
+                        break
+                    if t["eval_every"] and self.step % t["eval_every"] == 0:
+                        started = time.perf_counter()
+                        self.evaluate()
+                        since += time.perf_counter() - started  # evaluation time is not training throughput
+                    if self.step % t["checkpoint_every"] == 0 or self.step == max_updates:
+                        self.save()
         finally:
             self.loader.reset()  # stop the workers
             self.log.flush()
@@ -336,31 +475,83 @@ class Trainer:
         return {ds: int(self._sum_over_ranks(n)) for ds, n in self.skipped_images.total.items()}
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+def _newest_run(config_name):
+    """The newest run folder of ``config_name`` under ``runs/`` (``runs/<config>-<time>``)."""
+    runs = ckpt.run_folders(RUNS, prefix=f"{config_name}-")
+    if not runs:
+        raise UsageError(f"--resume: no run of config {config_name!r} with a checkpoint in {RUNS}/; pass "
+                         "--resume RUN_FOLDER or --resume CHECKPOINT")
+    return runs[-1]
+
+
+def setup(args):
+    """``(cfg, output_dir, trainer)`` for the parsed command line: a new run, or a resumed one
+    whose config is its checkpoint's own with the command line's overrides on top."""
+    from unit_fast.training import restore
+
+    if args.resume is None:
         cfg = load_config(args.config, args.overrides)
         out = args.output_dir or cfg["training"]["output_dir"] or os.path.join(
-            "runs", f"{cfg['config_name']}-{time.strftime('%Y%m%d-%H%M%S')}")
-        trainer = Trainer(cfg, out, resume=args.resume)
-    except (UsageError, ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+            RUNS, f"{cfg['config_name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return cfg, out, Trainer(cfg, out, trust_checkpoint=args.trust_checkpoint)
+    target = args.resume
+    if target == LATEST:
+        if args.output_dir:
+            target = args.output_dir
+        else:
+            named = load_config(args.config, args.overrides)
+            target = named["training"]["output_dir"] or _newest_run(named["config_name"])
+    path, state = find_resume(target, trust=args.trust_checkpoint)
+    saved = restore.Checkpoint(path, "trainer", state, state.get("meta"), state["step"])
+    cfg = restore.checkpoint_config(saved, overrides=args.overrides)
+    out = args.output_dir or run_folder_of(path)
+    trainer = Trainer(cfg, out, resume=(path, state), trust_checkpoint=args.trust_checkpoint)
+    if trainer.rank == 0:
+        extra = f"; overrides on top of its config: {' '.join(args.overrides)}" if args.overrides else ""
+        print(f"resumed from step {trainer.step} of {cfg['training']['max_updates']} ({path}){extra}")
+    return cfg, out, trainer
+
+
+def resume_command(out, world):
+    launcher = "torchrun --nproc_per_node N" if world > 1 else "python"
+    return f"{launcher} -m unit_fast.train --resume {out}"
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Warnings on the command line are one line each (a torn checkpoint skipped, an old format read).
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    try:
+        cfg, out, trainer = setup(args)
+    except (UsageError, ValueError, OSError, KeyError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        trainer.train()
+    except KeyboardInterrupt:  # a second signal: stop at once, no checkpoint
+        if trainer.rank == 0:
+            print(f"\nstopped at once at step {trainer.step} (second signal); to continue from the newest "
+                  f"checkpoint: {resume_command(out, trainer.world)}", file=sys.stderr)
+        return 130
+    if trainer.interrupted is not None:
+        if trainer.rank == 0:
+            print(f"\ninterrupted by {trainer.interrupted}: checkpoint of step {trainer.step} written; "
+                  f"resume with: {resume_command(out, trainer.world)}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 130 if trainer.interrupted == "SIGINT" else 143
     results = trainer.final_evaluation()
     skipped = trainer.skipped_images_total()
     if trainer.rank == 0:
         chance = chance_levels(trainer.data.root if cfg["data"]["root"] is None else None)
         targets = cfg["training"]["targets"]
         final = {"step": trainer.step, "skipped_steps": trainer.skipped_steps,
-                 "skipped_images": skipped, "metrics": results, "chance": chance,
-                 "targets": targets, "targets_met": targets_met(results, targets)}
-        tmp = os.path.join(out, "final_metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(final, f, indent=2, default=float)
-        os.replace(tmp, os.path.join(out, "final_metrics.json"))
+                 "skipped_images": skipped, "skipped_records": trainer.skipped_records, "metrics": results,
+                 "chance": chance, "targets": targets, "targets_met": targets_met(results, targets)}
+        atomic_write(os.path.join(out, "final_metrics.json"), json.dumps(final, indent=2, default=float),
+                     binary=False)
         trainer.log.write({"step": trainer.step, "event": "final", "skipped_steps": trainer.skipped_steps,
-                           "skipped_images": skipped})
+                           "skipped_images": skipped, "skipped_records": trainer.skipped_records})
         trainer.log.close()
         plot_log(trainer.log.path, os.path.join(out, "plots"))
         print(format_table(results, chance, targets))

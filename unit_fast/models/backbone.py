@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from unit_fast import checkpoint_io
 from unit_fast.models.misc import NestedTensor
 from unit_fast.models.position_encoding import PositionEmbeddingSine
 
@@ -127,7 +128,11 @@ class Backbone(BackboneBase):
             norm_layer=FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d,
         )
         if weights is not None:
-            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+            # Weights only (trusted only inside ``checkpoint_io.trusting``, which build_model opens
+            # for --trust-checkpoint); a .safetensors file is read as {"model": state_dict}.
+            state_dict = checkpoint_io.load(weights, what="backbone weights")
+            if os.fspath(weights).endswith(".safetensors"):
+                state_dict = state_dict["model"]
             # Strict: a wrong file fails here. FrozenBatchNorm2d drops ``num_batches_tracked``.
             resnet.load_state_dict(state_dict, strict=True)
         if last_layer != "layer4":

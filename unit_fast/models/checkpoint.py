@@ -3,12 +3,17 @@
 MMF writes ``{"model": state_dict, "optimizer": ..., ...}``; the state dict's keys are the
 model's (``unit_base_model.*``, ``bert_model.module.*`` and its alias ``bert_model.embeddings.*``,
 ...), or ``detr_model.*`` in checkpoints older than the rename (MMF's ``format_state_key``).
+
+Every file is read through ``unit_fast.checkpoint_io.load``: weights only, never code from the
+file (``trust=True`` is the one exception, for a file the user trusts); ``.safetensors`` too.
 """
 
-import os
 from dataclasses import dataclass, field
 
 import torch
+
+from unit_fast import checkpoint_io
+from unit_fast.atomic import atomic_write
 
 # Buffers older transformers versions saved and current ones do not (non-persistent since
 # transformers 4.31): dropped on load and reported, never an error.
@@ -41,10 +46,8 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _read_state_dict(path):
-    if not os.path.isfile(os.path.expanduser(str(path))):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    ckpt = torch.load(os.path.expanduser(str(path)), map_location="cpu", weights_only=False)
+def _read_state_dict(path, trust=False):
+    ckpt = checkpoint_io.load(path, trust=trust)
     if isinstance(ckpt, dict) and "model" in ckpt:
         return ckpt["model"]
     if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -52,11 +55,11 @@ def _read_state_dict(path):
     raise ValueError(f"checkpoint {path!r} has no 'model' entry and is not a state dict")
 
 
-def mmf_state_dict(path):
+def mmf_state_dict(path, trust=False):
     """``(state_dict, report)`` of an MMF UniT checkpoint, keys in the current layout."""
     report = LoadReport(str(path))
     state = {}
-    for key, value in _read_state_dict(path).items():
+    for key, value in _read_state_dict(path, trust).items():
         if key.startswith("module."):  # saved from a DistributedDataParallel wrapper
             key = key[len("module."):]
         if key.startswith("detr_model."):
@@ -69,18 +72,20 @@ def mmf_state_dict(path):
     return state, report
 
 
-def load_mmf_checkpoint(path, model=None, strict=True):
+def load_mmf_checkpoint(path, model=None, strict=True, trust=False):
     """Load an MMF UniT checkpoint (its ``"model"`` entry).
 
     Args:
-        path: a local ``.pth`` / ``.ckpt`` file.
+        path: a local ``.pth`` / ``.ckpt`` / ``.safetensors`` file.
         model: a ``UniT`` built from the matching config; None returns the state dict only.
         strict: raise ``RuntimeError`` (with the report) when keys are missing or unexpected.
+        trust: unpickle the file fully (it may run code: only for a file you trust).  Without
+            it, a file that needs more than weights raises ``UntrustedCheckpointError``.
 
     Returns:
         ``LoadReport`` (with ``model``), else ``(state_dict, LoadReport)``.
     """
-    state, report = mmf_state_dict(path)
+    state, report = mmf_state_dict(path, trust)
     if model is None:
         return state, report
     own = model.state_dict()
@@ -97,18 +102,26 @@ def load_mmf_checkpoint(path, model=None, strict=True):
     return report
 
 
-def save_mmf_checkpoint(model, path, **extra):
-    """Write ``{"model": model.state_dict(), **extra}`` atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save({"model": model.state_dict(), **extra}, tmp)
-    os.replace(tmp, path)
+def save_mmf_checkpoint(model, path, format="torch", **extra):
+    """Write the model's weights in MMF's layout, atomically.
+
+    ``format="torch"``: ``{"model": model.state_dict(), **extra}`` with ``torch.save`` (what MMF
+    reads); ``format="safetensors"``: the state dict as a ``.safetensors`` file, ``extra`` (JSON
+    values) in its metadata.  Both load back with ``load_mmf_checkpoint`` without trust."""
+    if format == "safetensors":
+        checkpoint_io.save_safetensors(path, model.state_dict(), extra)
+    elif format == "torch":
+        atomic_write(path, lambda f: torch.save({"model": model.state_dict(), **extra}, f))
+    else:
+        raise ValueError(f"save_mmf_checkpoint: format must be 'torch' or 'safetensors', got {format!r}")
+    return path
 
 
-def load_base_checkpoint(model, path, backbone_only=True):
+def load_base_checkpoint(model, path, backbone_only=True, trust=False):
     """MMF's ``base_ckpt_path``: initialise ``model.unit_base_model`` from a DETR (or UniT base)
     checkpoint; with ``backbone_only`` only keys containing ``"backbone"`` (DETR's
     ``backbone.0.body.*`` = ours), loaded non-strictly as MMF does.  Returns the report."""
-    state, report = mmf_state_dict(path)
+    state, report = mmf_state_dict(path, trust)
     if backbone_only:
         state = {k: v for k, v in state.items() if "backbone" in k}
     base = model.unit_base_model

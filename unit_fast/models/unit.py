@@ -290,16 +290,20 @@ class UniT(nn.Module):
         return out
 
 
-def build_model(cfg):
+def build_model(cfg, trust=False):
     """``UniT`` from a loaded config (``unit_fast.load_config``); with ``model.base_ckpt_path``
     set, the base model (or only its backbone, ``base_ckpt_load_backbone_only``) starts from
-    that local DETR / UniT checkpoint, as MMF's ``build`` does."""
+    that local DETR / UniT checkpoint, as MMF's ``build`` does.  Checkpoint and backbone weight
+    files are read weights-only; ``trust=True`` unpickles them fully (files you trust only)."""
+    from unit_fast.checkpoint_io import trusting
     from unit_fast.models.checkpoint import load_base_checkpoint
 
     mcfg = cfg["model"] if "model" in cfg else cfg
-    model = UniT(mcfg)
+    with trusting(trust):  # the backbone reads model.base_args.backbone_weights while it is built
+        model = UniT(mcfg)
     if mcfg.get("base_ckpt_path"):
-        report = load_base_checkpoint(model, mcfg["base_ckpt_path"], mcfg.get("base_ckpt_load_backbone_only", False))
+        report = load_base_checkpoint(model, mcfg["base_ckpt_path"],
+                                      mcfg.get("base_ckpt_load_backbone_only", False), trust=trust)
         if report.unexpected or (report.missing and mcfg.get("base_ckpt_load_backbone_only", False)):
             raise RuntimeError(f"base checkpoint does not fit the model:\n{report}")
     return model

@@ -25,6 +25,8 @@ import json
 import math
 import os
 
+from unit_fast.atomic import atomic_write
+
 
 def read_log(path):
     """The records of a ``log.jsonl``; a line that does not parse (the last line of a run killed
@@ -49,10 +51,7 @@ def truncate_log(path, step):
     if not os.path.exists(path):
         return
     kept = [r for r in read_log(path) if r["step"] <= step]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept), binary=False)
 
 
 def _number(x):
@@ -161,7 +160,7 @@ def plot_log(log_path, plots_dir):
     else:
         ax.text(0.5, 0.5, "no training steps logged", ha="center", va="center", transform=ax.transAxes)
     loss_path = os.path.join(plots_dir, "loss_per_task.png")
-    fig.savefig(loss_path, dpi=100)
+    atomic_write(loss_path, lambda f: fig.savefig(f, format="png", dpi=100))
 
     datasets = list(dict.fromkeys(ds for r in records if r.get("event") == "eval" for ds in r["metrics"]))
     cols = max(1, min(3, len(datasets)))
@@ -178,5 +177,5 @@ def plot_log(log_path, plots_dir):
     if not datasets:
         axes[0].text(0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=axes[0].transAxes)
     metrics_path = os.path.join(plots_dir, "metrics.png")
-    fig.savefig(metrics_path, dpi=100)
+    atomic_write(metrics_path, lambda f: fig.savefig(f, format="png", dpi=100))
     return loss_path, metrics_path

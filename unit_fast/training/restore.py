@@ -18,13 +18,15 @@ small command-line helpers both commands share (device, output folder, one-line 
 
 import copy
 import os
-import pickle
+import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import torch
 import yaml
 
+from unit_fast import checkpoint_io
 from unit_fast.config import load_config
 from unit_fast.training import checkpoint as ckpt
 
@@ -47,6 +49,18 @@ def one_line(exc):
     return "; ".join(lines) or exc.__class__.__name__
 
 
+TRUST_HELP = ("fully unpickle the checkpoint, which can run code stored in it: only for a file whose source "
+              "you trust (default: weights only; a file that needs more is refused)")
+
+
+def add_checkpoint_arguments(parser):
+    """``--checkpoint`` and ``--trust-checkpoint``: every command that reads a checkpoint has them."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint file (.pt, MMF / DETR .pth, .safetensors), a run folder (its newest "
+                             "checkpoint that loads), or a folder of runs such as runs (its newest run)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+
+
 def check_output_folder(path, option):
     """FileNotFoundError naming ``option`` when the folder ``path`` would be written into is missing
     (checked before any work, not after it)."""
@@ -60,20 +74,36 @@ def _is_unit_fast_config(cfg):
     return isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("data"), dict)
 
 
-def read_checkpoint(path):
-    """Read ``path`` (a checkpoint file, or a run folder: its newest ``checkpoints/`` entry)."""
+def resolve_run(path):
+    """The checkpoint folder ``path`` names: a run folder (its ``checkpoints/``), a folder of
+    checkpoint files, or a folder of run folders such as ``runs`` (the newest run in it, by its
+    newest checkpoint; said on stderr).  FileNotFoundError when there is none."""
+    folder = ckpt.checkpoint_folder(path)
+    if folder is not None:
+        return folder
+    runs = ckpt.run_folders(path)
+    if not runs:
+        raise FileNotFoundError(f"checkpoint: no checkpoint_*.pt in {path!r}, its checkpoints/ folder, or "
+                                "any run folder in it")
+    print(f"checkpoint: using the newest run in {path}: {runs[-1]}", file=sys.stderr)
+    return ckpt.checkpoint_folder(runs[-1])
+
+
+def read_checkpoint(path, trust=False):
+    """Read ``path``: a checkpoint file (trainer, MMF/DETR ``.pth``, or ``.safetensors``), or a
+    folder (``resolve_run``: its newest checkpoint that loads; newer torn ones are skipped with a
+    warning naming them).  Never runs code from the file unless ``trust`` (``checkpoint_io``);
+    a refused, torn or foreign file raises ValueError with one line naming it."""
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
-        found = ckpt.latest(os.path.join(path, "checkpoints")) or ckpt.latest(path)
+        found, state, skipped = ckpt.newest_loadable(resolve_run(path), trust=trust)
+        for bad, why in skipped:
+            warnings.warn(f"skipped {bad}: {why}", stacklevel=2)
         if found is None:
-            raise FileNotFoundError(f"checkpoint: no checkpoint_*.pt in {path!r} or its checkpoints/ folder")
+            raise ValueError(f"checkpoint: no checkpoint in {path!r} loads ({skipped[0][1]})")
         path = found
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"checkpoint {path!r} is not a torch checkpoint ({one_line(exc)})") from None
+    else:
+        state = ckpt.convert_legacy(checkpoint_io.load(path, trust=trust), path)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a dict")
     if "model" in state and _is_unit_fast_config(state.get("config")):
@@ -83,12 +113,12 @@ def read_checkpoint(path):
     raise ValueError(f"checkpoint {path!r} has no 'model' entry and is not a state dict")
 
 
-def _plain(x):
+def plain_config(x):
     """YAML-safe copy: tuples as lists (``yaml.safe_dump`` refuses tuples)."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain_config(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain_config(v) for v in x]
     return x
 
 
@@ -101,7 +131,7 @@ def checkpoint_config(checkpoint, config=None, overrides=()):
     if checkpoint.kind != "trainer":
         raise ValueError(f"checkpoint {checkpoint.path!r} holds no unit_fast config (an MMF checkpoint?): "
                          "pass --config NAME|PATH with the model's config")
-    saved = _plain(checkpoint.state["config"])
+    saved = plain_config(checkpoint.state["config"])
     name = saved.pop("config_name", "checkpoint")
     # Through a temporary YAML file, so the saved config is merged onto defaults.yaml and the
     # overrides are checked by the one loader every other entry point uses.
@@ -134,7 +164,7 @@ def build_eval_data(cfg, datasets):
     return data
 
 
-def restore_model(checkpoint, cfg, device):
+def restore_model(checkpoint, cfg, device, trust=False):
     """``UniT`` built from ``cfg`` with the checkpoint's weights, on ``device``, in eval mode.
     A checkpoint that does not fit the config raises ValueError naming the first keys."""
     from unit_fast.models.checkpoint import load_mmf_checkpoint
@@ -148,7 +178,7 @@ def restore_model(checkpoint, cfg, device):
         if checkpoint.kind == "trainer":
             model.load_state_dict(checkpoint.state["model"])
         else:
-            load_mmf_checkpoint(checkpoint.path, model)
+            load_mmf_checkpoint(checkpoint.path, model, trust=trust)
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {checkpoint.path!r} does not fit the model of config "
                          f"{cfg.get('config_name')!r}: {one_line(exc)[:600]}") from None
