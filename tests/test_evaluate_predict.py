@@ -292,14 +292,14 @@ def test_predict_bad_input(run, args, message, capsys):
 # -- the README's examples -------------------------------------------------------------------------
 
 
-def _readme_examples():
-    """The commands of the README's evaluation and prediction block: ``[(argv, comment)]``, with
-    continuation lines joined and ``comment`` the text after ``#`` ("" without one)."""
+def _readme_examples(heading="**Evaluation and prediction**"):
+    """The commands of the README's first bash block after ``heading``: ``[(argv, comment)]``,
+    with continuation lines joined and ``comment`` the text after ``#`` ("" without one)."""
     import shlex
     from pathlib import Path
 
     text = (Path(__file__).parents[1] / "README.md").read_text()
-    start = text.index("**Evaluation and prediction**")
+    start = text.index(heading)
     begin = text.index("```bash\n", start) + len("```bash\n")
     block = text[begin:text.index("\n```", begin)].replace("\\\n", " ")
     return [(shlex.split(line, comments=True), line.partition(" # ")[2].strip())
@@ -346,3 +346,21 @@ def test_readme_examples_run_after_the_quick_start(run, tmp_path, monkeypatch, c
         vocab = set(f.read().split())
     for t in texts:
         assert set(synthetic._words(t)) <= vocab, t
+
+
+def test_readme_safetensors_examples_run(run, tmp_path, monkeypatch, capsys):
+    """The README's export block runs as written after the quick start (``runs``: the smoke run's
+    folder in its place): export to safetensors, then predict from the exported file alone."""
+    from unit_fast import export
+
+    examples = _readme_examples("**Checkpoints you did not write.**")
+    assert [argv[2] for argv, _ in examples] == ["unit_fast.export", "unit_fast.predict"], examples
+    monkeypatch.chdir(tmp_path)
+    mains = {"unit_fast.export": export.main, "unit_fast.predict": predict.main}
+    outputs = []
+    for argv, _ in examples:
+        args = [str(run.out) if a == "runs" and prev == "--checkpoint" else a
+                for prev, a in zip(["", *argv], argv, strict=False)][3:]
+        assert mains[argv[2]](args) == 0, (argv, capsys.readouterr().err)
+        outputs.append(capsys.readouterr().out)
+    assert os.path.isfile("unit.safetensors") and outputs[1].startswith("glue_sst2: "), outputs

@@ -205,7 +205,8 @@ def _first_line(exc):
     lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
     lines = [x for x in lines if not x.startswith(("Weights only load failed", "Check the documentation",
                                                      "Please file an issue"))] or lines
-    return (lines[0] if lines else type(exc).__name__)[:300]
+    line = lines[0] if lines else type(exc).__name__
+    return line.split(". ", 1)[0][:300]  # torch's zip errors go on for several sentences
 
 
 def save_safetensors(path, tensors, metadata=None):

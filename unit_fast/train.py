@@ -94,7 +94,7 @@ def parse_args(argv):
                         "model.base_ckpt_path, backbone weights), which can run code stored in them: only "
                         "for files whose source you trust (default: weights only, anything else is refused)")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before or after the options
     # "--resume key=value": argparse gives the optional PATH the first override.
     if args.resume not in (None, LATEST) and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides.insert(0, args.resume)
