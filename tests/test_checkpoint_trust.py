@@ -263,3 +263,13 @@ def test_backbone_weights_from_safetensors(run, tmp_path):
                                                                   "backbone_weights": path}}}
     model = build_model(cfg)
     assert torch.equal(model.unit_base_model.backbone[0].body.conv1.weight, body.conv1.weight)
+
+
+@pytest.mark.parametrize("key", ["model.base_args.backbone_weights", "model.base_ckpt_path"])
+def test_weights_that_do_not_fit_are_one_line(key, run, tmp_path, capsys):
+    path = tmp_path / "other.pth"
+    torch.save({"model": {"backbone.0.body.not_a_layer.weight": torch.zeros(1)}}, path)
+    assert train_main(["--config", run.config, "--output-dir", str(tmp_path / "out"), *run.overrides,
+                       f"{key}={path}"]) == 2
+    _one_line_error(capsys, "not_a_layer" if key.endswith("ckpt_path") else "do not fit a torchvision resnet18")
+    assert not (tmp_path / "out").exists()

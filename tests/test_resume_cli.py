@@ -53,6 +53,10 @@ def test_resume_falls_back_past_a_torn_newest_checkpoint(cli, tmp_path, capsys):
     assert _train_steps(out) == [1, 2, 3]  # step 3 of the first run was dropped, then redone
     assert _tensorboard_steps(out) == [1, 2, 3]  # TensorBoard hides the abandoned step 3
     assert ckpt.load(str(torn))["step"] == 3  # rewritten whole
+    capsys.readouterr()
+    assert main(["--resume", str(out), "model.base_args.enc_layers=2"]) == 2  # no longer the same model
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: ") and "does not fit" in err and err.count("\n") == 1, err
 
 
 def test_resume_from_a_bad_file_is_one_line(cli, tmp_path, capsys):

@@ -232,7 +232,10 @@ class Trainer:
         from unit_fast.models.unit import build_model
 
         torch.manual_seed(t["seed"])  # identical initial weights on every rank
-        self.model = build_model(cfg, trust=trust_checkpoint).to(self.device)
+        try:
+            self.model = build_model(cfg, trust=trust_checkpoint).to(self.device)
+        except RuntimeError as exc:  # model.base_ckpt_path that does not fit the configured model
+            raise UsageError(f"model.base_ckpt_path: {_one_line(exc)[:600]}") from None
         self.model.set_backend(cfg["model"]["backend"])
         # A resumed run's weights come from its checkpoint; init_from only starts a new run.
         init_report = self._init_from(t["init_from"]) if t["init_from"] and resume is None else None
@@ -318,8 +321,12 @@ class Trainer:
 
     def _load(self, path, state):
         """Continue from the checkpoint ``state`` (read from ``path``)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:  # e.g. an override that changes the architecture
+            raise UsageError(f"--resume: {path} does not fit the model of its config with these overrides: "
+                             f"{_one_line(exc)[:400]}") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         for k, s in state["streams"].items():
@@ -526,6 +533,9 @@ def main(argv=None):
     except (UsageError, ValueError, OSError, KeyError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while reading data or building the model: nothing was written yet
+        print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
+        return 130
     try:
         trainer.train()
     except KeyboardInterrupt:  # a second signal: stop at once, no checkpoint

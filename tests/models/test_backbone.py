@@ -330,7 +330,7 @@ def test_local_torchvision_weights(tmp_path):
     broken = dict(resnet.state_dict())
     del broken["layer1.0.conv1.weight"]
     torch.save(broken, path)
-    with pytest.raises(RuntimeError, match="layer1.0.conv1.weight"):
+    with pytest.raises(ValueError, match="do not fit a torchvision resnet18: Missing key.*layer1.0.conv1.weight"):
         Backbone("resnet18", True, False, dilation=False, weights=path)
 
 

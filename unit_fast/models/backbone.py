@@ -134,7 +134,12 @@ class Backbone(BackboneBase):
             if os.fspath(weights).endswith(".safetensors"):
                 state_dict = state_dict["model"]
             # Strict: a wrong file fails here. FrozenBatchNorm2d drops ``num_batches_tracked``.
-            resnet.load_state_dict(state_dict, strict=True)
+            try:
+                resnet.load_state_dict(state_dict, strict=True)
+            except (RuntimeError, TypeError) as exc:
+                what = "; ".join(x.strip() for x in str(exc).splitlines()[1:] if x.strip())[:400]
+                raise ValueError(f"backbone weights {os.fspath(weights)!r} do not fit a torchvision {name}: "
+                                 f"{what}") from None
         if last_layer != "layer4":
             del resnet.layer4  # never run: keeps it out of the parameters and the state dict
         channels = _NUM_CHANNELS[name] // (1 if last_layer == "layer4" else 2)
