@@ -30,6 +30,9 @@ DEFAULT_TEXT_LENGTH = {"vqa2": 25, "visual_entailment": 25}
 
 @dataclass
 class RunData:
+    """A run's datasets.  ``read_reports``: ``{dataset: ReadReport}``, what the readers skipped and
+    dropped in that dataset's train and val files; ``report``: their sum (``ReadReport.total``)."""
+
     train: dict
     val: dict
     tokenizer: object
@@ -37,6 +40,7 @@ class RunData:
     report: ReadReport
     root: str | None = None
     info: dict = field(default_factory=dict)
+    read_reports: dict = field(default_factory=dict)
 
 
 def synthetic_root(data_cfg):
@@ -123,20 +127,22 @@ def build_data(cfg, dataset_names):
     tokenizer = load_tokenizer(tok_path)
     sizes = ImageSizes(**{k: tuple(v) if isinstance(v, list) else v
                           for k, v in data_cfg["image_sizes"].items()})
-    report = ReadReport()
+    reports = {ds: ReadReport() for ds in dataset_names}  # train and val of a dataset share one
     on_error = data_cfg["on_error"]
     lengths = {**DEFAULT_TEXT_LENGTH, **data_cfg["text_max_length"]}
     train, val, vocab = {}, {}, None
     for ds in dataset_names:
         if ds not in paths:
             raise ValueError(f"no data configured for dataset {ds!r}: set data.datasets.{ds}")
+        report = reports[ds]
         for split, out in (("train", train), ("val", val)):
             p = paths[ds][split]
             is_train = split == "train"
             if ds.startswith("detection"):
+                # labelled: train and val have boxes, so a file without `annotations` is an error.
                 recs = read_coco_detection(_need(p, "annotations", ds, split), _need(p, "images", ds, split),
-                                           with_attributes=ds == "detection_visual_genome", on_error=on_error,
-                                           report=report)
+                                           with_attributes=ds == "detection_visual_genome", labelled=True,
+                                           on_error=on_error, report=report)
                 out[ds] = DetectionDataset(recs, ds, train=is_train, sizes=sizes,
                                            seed=cfg["training"]["seed"])
             elif ds == "vqa2":
@@ -156,4 +162,5 @@ def build_data(cfg, dataset_names):
                 out[ds] = TextDataset(recs, ds, tokenizer, max_length=lengths.get(ds, 128))
             else:
                 raise ValueError(f"no reader for dataset {ds!r}")
-    return RunData(train, val, tokenizer, vocab, report, root)
+    return RunData(train, val, tokenizer, vocab, ReadReport.total(reports.values()), root,
+                   read_reports=reports)

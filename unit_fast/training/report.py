@@ -12,7 +12,10 @@ writes; other ranks hold a disabled ``RunLog``.  Every record has ``step`` and `
   ``epoch``        ``dataset``, ``epoch``, ``skipped_images`` (a dataset's stream finished an epoch)
   ``nan_skipped``  ``tasks``, ``message``
   ``init_from``    ``path``, ``missing``, ``unexpected``, ``renamed``, ``dropped``
-  ``final``        ``skipped_steps``, ``skipped_images`` ``{dataset: count}``
+  ``resume``       ``checkpoint`` (the file a resumed run continues from; ``step`` its step)
+  ``skipped_records``  ``skipped_records`` ``{dataset: count}``: annotation records the readers
+                   skipped (``data.on_error: skip``), written once at the start when any were
+  ``final``        ``skipped_steps``, ``skipped_images`` and ``skipped_records`` ``{dataset: count}``
 
 TensorBoard tags: ``loss/total``, ``loss/<dataset>``, each loss term by its key, ``lr``,
 ``samples_per_s``, ``eval/<dataset>/<metric>``, ``skipped_images/<dataset>``.

@@ -18,7 +18,7 @@ so that UniT checkpoints' GLUE heads keep their meaning:
 import os
 
 from ..records import TextRecord
-from . import finish_report, gc_paused, start_report
+from . import finish_report, gc_paused, open_binary, start_report, utf8_message
 
 _BINARY = {"0": 0, "1": 1}
 
@@ -51,8 +51,8 @@ def read_glue(task, tsv_path, *, on_error="raise", report=None):
             ``dev_matched.tsv``, ``dev_mismatched.tsv``, ``test_*.tsv``.
         tsv_path: the file; its first row is the header.
         on_error, report: see ``unit_fast.data.readers``.  Malformed: a row whose column count
-            differs from the header's (the real QQP ``train.tsv`` has such rows), or an unknown
-            label.  MNLI rows with ``gold_label`` ``"-"`` are counted in
+            differs from the header's (the real QQP ``train.tsv`` has such rows), a row that is
+            not UTF-8, or an unknown label.  MNLI rows with ``gold_label`` ``"-"`` are counted in
             ``report.dropped["no_gold_label"]``.
 
     Returns:
@@ -61,16 +61,21 @@ def read_glue(task, tsv_path, *, on_error="raise", report=None):
         ``index`` (the ``index``/``id`` column, else the 0-based data row number, as str).
 
     Raises:
-        ValueError: missing columns, or malformed rows under ``on_error="raise"``, naming the
-            file and the 1-based line number.
+        ValueError: missing columns or a header that is not UTF-8, or malformed rows under
+            ``on_error="raise"``, naming the file and the 1-based line number.
     """
     col_a, col_b, col_label, label_map = GLUE_TASKS[_task_name(task)]
     path = os.fspath(tsv_path)
     report, skipped_before = start_report(report, on_error)
     records = []
-    # newline="\n": split rows on \n only; a stray \r inside a field must not start a new row.
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        header = f.readline().rstrip("\r\n").split("\t")
+    # Bytes, split on \n only (a stray \r inside a field must not start a new row) and decoded row
+    # by row: a row that is not UTF-8 is one malformed record, named by its line number.
+    with open_binary(path) as f:
+        raw = f.readline()
+        try:
+            header = raw.decode("utf-8-sig").rstrip("\r\n").split("\t")
+        except UnicodeDecodeError as exc:
+            raise ValueError(utf8_message(path, raw, exc, line=1)) from None
         columns = {name: i for i, name in enumerate(header)}
         missing = [c for c in (col_a, col_b) if c is not None and c not in columns]
         if missing:
@@ -79,9 +84,13 @@ def read_glue(task, tsv_path, *, on_error="raise", report=None):
         i_b = columns[col_b] if col_b is not None else None
         i_label = columns.get(col_label)  # None: a test file
         i_index = next((columns[c] for c in _INDEX_COLUMNS if c in columns), None)
-        for row_number, line in enumerate(f):
+        for row_number, raw in enumerate(f):
             lineno = row_number + 2  # 1-based, after the header
-            line = line.rstrip("\r\n")
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                report.bad(on_error, utf8_message(path, raw, exc, line=lineno))
+                continue
             if not line:
                 continue
             fields = line.split("\t")

@@ -9,7 +9,7 @@ import json
 import os
 
 from ..records import ENTAILMENT_LABELS, EntailmentRecord
-from . import finish_report, gc_paused, start_report
+from . import finish_report, gc_paused, name_problem, open_binary, short, start_report, utf8_message
 
 _LABELS = {name: i for i, name in enumerate(ENTAILMENT_LABELS)}  # entailment 0, neutral 1, contradiction 2
 
@@ -21,8 +21,10 @@ def read_snli_ve(jsonl_path, image_dir, *, on_error="raise", report=None):
     Args:
         jsonl_path: the JSONL file.
         image_dir: the Flickr30k image folder; ``image_path`` = ``image_dir/Flikr30kID`` (not opened).
-        on_error, report: see ``unit_fast.data.readers``.  Malformed: a line that is not a JSON
-            object, or lacks a string ``Flikr30kID`` / ``sentence2`` / ``gold_label``.
+        on_error, report: see ``unit_fast.data.readers``.  Malformed: a line that is not UTF-8 or
+            not a JSON object (a truncated last line included), or lacks a string ``Flikr30kID``
+            / ``sentence2`` / ``gold_label``, or whose ``Flikr30kID`` is absolute or leaves
+            ``image_dir`` (``readers.name_problem``).
 
     Returns:
         ``list[EntailmentRecord]`` in file order; ``image_id`` = the file name without extension
@@ -36,14 +38,20 @@ def read_snli_ve(jsonl_path, image_dir, *, on_error="raise", report=None):
     path, image_dir = os.fspath(jsonl_path), os.fspath(image_dir)
     report, skipped_before = start_report(report, on_error)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    # Bytes, decoded line by line: a line that is not UTF-8 is one malformed record, named by number.
+    with open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                report.bad(on_error, utf8_message(path, raw, exc, line=lineno))
+                continue
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                report.bad(on_error, f"{path}:{lineno}: malformed JSON ({exc})")
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, the int() digit limit
+                report.bad(on_error, f"{path}:{lineno}: malformed JSON ({str(exc).splitlines()[0]})")
                 continue
             fields = ("Flikr30kID", "sentence2", "gold_label")
             missing = [k for k in fields if not isinstance(obj, dict) or not isinstance(obj.get(k), str)]
@@ -55,6 +63,10 @@ def read_snli_ve(jsonl_path, image_dir, *, on_error="raise", report=None):
                 report.dropped["no_gold_label"] += 1
                 continue
             file_name = obj["Flikr30kID"]
+            problem = name_problem(file_name)
+            if problem:
+                report.bad(on_error, f"{path}:{lineno}: Flikr30kID {short(file_name)} {problem}")
+                continue
             records.append(
                 EntailmentRecord(
                     image_path=os.path.join(image_dir, file_name),

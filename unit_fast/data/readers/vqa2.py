@@ -12,7 +12,6 @@ leave-one-out subsets of the humans' answers of ``min(1, #matches / 3)``.
 """
 
 import itertools
-import json
 import os
 import re
 from collections import Counter
@@ -22,7 +21,17 @@ from functools import lru_cache
 import numpy as np
 
 from ..records import VQARecord
-from . import finish_report, gc_paused, start_report
+from . import (
+    finish_report,
+    gc_paused,
+    is_int64,
+    load_json,
+    name_problem,
+    open_binary,
+    short,
+    start_report,
+    utf8_message,
+)
 
 VOCAB_SIZE = 3129  # MMF's answers_vqa.txt: answers given by >= 9 humans in train+val
 
@@ -157,8 +166,15 @@ def load_answer_vocab(vocab):
     ignored, taken as written: files such as MMF's ``answers_vqa.txt`` are normalised already)
     or a sequence of answers.  Raises ValueError on duplicates."""
     if isinstance(vocab, (str, os.PathLike)):
-        with open(vocab, encoding="utf-8") as f:
-            vocab = [line.strip() for line in f if line.strip()]
+        path = os.fspath(vocab)
+        with open_binary(path) as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(utf8_message(path, raw, exc)) from None
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # universal newlines
+        vocab = [line.strip() for line in lines if line.strip()]
     vocab = list(vocab)
     dup = [a for a, k in Counter(vocab).items() if k > 1]
     if dup:
@@ -182,43 +198,67 @@ def _resolve_file_pattern(file_pattern, image_dir, split, image_id):
     candidates = (["COCO_{split}_{image_id:012d}.jpg"] if split else []) + ["{image_id:012d}.jpg"]
     for pattern in candidates:
         name = None if image_id is None else pattern.format(image_id=image_id, split=split)
-        if name is not None and os.path.exists(os.path.join(image_dir, name)):
+        # A name leaving image_dir (data_subtype "../x") is never stat-ed; its questions are refused.
+        if name is not None and name_problem(name) is None and os.path.exists(os.path.join(image_dir, name)):
             return pattern
     return candidates[0]
 
 
 def _load(path, key):
-    with open(path, "rb") as f:
-        data = json.load(f)
+    data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise ValueError(f"{path}: not a VQAv2 {key} file (no '{key}' list)")
     return data
 
 
-def _parse_annotation(ann):
-    """``(problem, (answers, multiple_choice_answer))``: problem None when ``ann`` is usable.
-    (Exact type checks, one pass: train2014 has 443k annotations of 10 answers.)"""
+def _parse_annotation(ann, i):
+    """``(problem, (answers, multiple_choice_answer, image_id or None, i))`` for annotation #``i``:
+    problem None when ``ann`` is usable.  (Exact type checks, one pass: train2014 has 443k
+    annotations of 10 answers.)"""
     if type(ann) is not dict:
         return "not a JSON object", None
-    if type(ann.get("question_id")) is not int:
-        return f"question_id must be an integer, got {ann.get('question_id')!r}", None
+    if not is_int64(ann.get("question_id")):
+        return f"question_id must be a 64-bit integer, got {short(ann.get('question_id'))}", None
+    image_id = ann.get("image_id")  # optional here: the question's image_id is the one used
+    if image_id is not None and not is_int64(image_id):
+        return f"image_id must be a 64-bit integer, got {short(image_id)}", None
     try:
         answers = [a["answer"] for a in ann["answers"]]
     except (KeyError, TypeError):
         answers = None
     if answers is None or type(ann["answers"]) is not list or not _STR.issuperset(map(type, answers)):
         return "answers must be a list of {'answer': str, ...}", None
+    if not answers:  # no human answer: no target, and no accuracy to score against
+        return "no answers", None
     if type(ann.get("multiple_choice_answer")) is not str:
         return "missing multiple_choice_answer", None
-    return None, (answers, ann["multiple_choice_answer"])
+    return None, (answers, ann["multiple_choice_answer"], image_id, i)
 
 
 def _question_problem(q):
     if type(q) is not dict:
         return "not a JSON object"
-    for key, kind in (("question_id", int), ("image_id", int), ("question", str)):
-        if type(q.get(key)) is not kind:
-            return f"{key} must be {kind.__name__}, got {q.get(key)!r}"
+    for key in ("question_id", "image_id"):
+        if not is_int64(q.get(key)):
+            return f"{key} must be a 64-bit integer, got {short(q.get(key))}"
+    if type(q.get("question")) is not str:
+        return f"question must be str, got {short(q.get('question'))}"
+    return None
+
+
+def _pairing_problem(q, by_question, seen, a_path):
+    """Why the well-typed question ``q`` does not pair with the annotations (``{question_id:
+    parsed}`` of ``a_path``, or None for a test split), or None.  ``seen``: question ids so far."""
+    qid = q["question_id"]
+    if qid in seen:
+        return "duplicate question_id"
+    if by_question is None:
+        return None
+    parsed = by_question.get(qid)
+    if parsed is None:
+        return "no annotation for this question"
+    if parsed[2] is not None and parsed[2] != q["image_id"]:
+        return f"image_id={q['image_id']} but its annotation in {a_path} has image_id={parsed[2]}"
     return None
 
 
@@ -253,8 +293,12 @@ def read_vqa2(
             That is ~12.5 KB per question (5.5 GB for the 443k train2014 questions); for the full
             dataset pass False and compute targets per item with ``soft_scores(record.answers,
             vocab_index)``.
-        on_error, report: see ``unit_fast.data.readers``.  Malformed questions or annotations, and
-            questions without an annotation, are the malformed records.
+        on_error, report: see ``unit_fast.data.readers``.  The malformed records: malformed
+            questions or annotations (ids beyond int64, an annotation with no answers), a question
+            without an annotation, an annotation whose ``image_id`` differs from its question's,
+            a second question or annotation with an earlier one's ``question_id`` (the first is
+            kept), and a question whose image file name is absolute or leaves ``image_dir``
+            (``readers.name_problem``; such a name is never stat-ed).
 
     Returns:
         ``(records, answer_vocab)``: ``list[VQARecord]`` in question order (``answers`` = the raw
@@ -262,28 +306,32 @@ def read_vqa2(
         vocabulary used.
 
     Raises:
-        ValueError: malformed files/records (naming file and question id), or no vocabulary source.
+        ValueError: malformed files (not UTF-8 or not JSON, no ``questions``/``annotations``
+            list) or records (one line naming the file and the question id), or no vocabulary
+            source.
     """
     q_path, image_dir = os.fspath(questions_json), os.fspath(image_dir)
     report, skipped_before = start_report(report, on_error)
     q_data = _load(q_path, "questions")
 
-    by_question = None
+    by_question, a_path = None, None
     if annotations_json is not None:
         a_path = os.fspath(annotations_json)
         by_question = {}
         for i, ann in enumerate(_load(a_path, "annotations")["annotations"]):
-            problem, parsed = _parse_annotation(ann)
+            problem, parsed = _parse_annotation(ann, i)
+            qid = ann.get("question_id") if isinstance(ann, dict) else None
+            if problem is None and qid in by_question:
+                problem = f"duplicate question_id (first at annotation #{by_question[qid][3]})"
             if problem:
-                qid = ann.get("question_id") if isinstance(ann, dict) else None
-                report.bad(on_error, f"{a_path}: annotation #{i} (question_id={qid!r}): {problem}")
+                report.bad(on_error, f"{a_path}: annotation #{i} (question_id={short(qid)}): {problem}")
                 continue
-            by_question[ann["question_id"]] = parsed
+            by_question[qid] = parsed
 
     if answer_vocab is not None:
         vocab = load_answer_vocab(answer_vocab)
     elif by_question is not None:
-        vocab = build_answer_vocab(mca for _, mca in by_question.values())
+        vocab = build_answer_vocab(parsed[1] for parsed in by_question.values())
     else:
         raise ValueError(f"{q_path}: no answer_vocab given and no annotations to build one from")
     vocab_index = {a: i for i, a in enumerate(vocab)}
@@ -295,20 +343,25 @@ def read_vqa2(
     pattern = _resolve_file_pattern(file_pattern, image_dir, split, first)
 
     prefix = os.path.join(image_dir, "")
-    records = []
+    records, seen = [], set()
     for i, q in enumerate(questions):
         problem = _question_problem(q)
         qid = q.get("question_id") if isinstance(q, dict) else None
-        if problem is None and by_question is not None and qid not in by_question:
-            problem = "no annotation for this question"
+        if problem is None:
+            problem = _pairing_problem(q, by_question, seen, a_path)
+        if problem is None:
+            name = pattern.format(image_id=q["image_id"], split=split)
+            name_bad = name_problem(name)
+            problem = None if name_bad is None else f"image file name {short(name)} {name_bad}"
         if problem:
-            report.bad(on_error, f"{q_path}: question #{i} (question_id={qid!r}): {problem}")
+            report.bad(on_error, f"{q_path}: question #{i} (question_id={short(qid)}): {problem}")
             continue
+        seen.add(qid)
         answers = [] if by_question is None else by_question[qid][0]
         scores = soft_scores(answers, vocab_index) if answers and dense_scores else None
         records.append(
             VQARecord(
-                image_path=prefix + pattern.format(image_id=q["image_id"], split=split),
+                image_path=prefix + name,
                 image_id=q["image_id"],
                 question_id=qid,
                 question=q["question"],
