@@ -48,7 +48,8 @@ def run(train_cache, tmp_path_factory):
     trainer = Trainer(cfg, str(root / "run"))
     trainer.train(progress=False)
     return SimpleNamespace(root=root, config=path, overrides=[f"data.cache_dir={train_cache}", *overrides],
-                           out=root / "run", ckpt=str(root / "run" / "checkpoints" / "checkpoint_00000002.pt"),
+                           out=root / "run",
+                           ckpt=str(root / "run" / "checkpoints" / "checkpoint_00000002.pt"),
                            model=trainer.model, cfg=cfg)
 
 
@@ -143,7 +144,8 @@ def test_trust_checkpoint_flag_unpickles(payload, capsys):
     path, marker = payload
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert predict.main(["--checkpoint", path, "--trust-checkpoint", "--text", "a fine film", "--json"]) == 0
+        code = predict.main(["--checkpoint", path, "--trust-checkpoint", "--text", "a fine film", "--json"])
+    assert code == 0
     assert marker.exists()
 
 
@@ -190,7 +192,8 @@ def test_mmf_omegaconf_checkpoint_loads_without_trust():
 
 def test_detr_namespace_checkpoint_loads_without_trust(run, tmp_path):
     args = argparse.Namespace(lr=1e-4, backbone="resnet18", dilation=False, num_queries=100)
-    weights = {f"backbone.0.body.{k}": v for k, v in run.model.unit_base_model.backbone[0].body.state_dict().items()}
+    body = run.model.unit_base_model.backbone[0].body
+    weights = {f"backbone.0.body.{k}": v for k, v in body.state_dict().items()}
     path = tmp_path / "detr.pth"
     torch.save({"model": weights, "optimizer": {}, "epoch": 299, "args": args}, path)
     checkpoint = checkpoint_io.load(path)
@@ -271,5 +274,6 @@ def test_weights_that_do_not_fit_are_one_line(key, run, tmp_path, capsys):
     torch.save({"model": {"backbone.0.body.not_a_layer.weight": torch.zeros(1)}}, path)
     assert train_main(["--config", run.config, "--output-dir", str(tmp_path / "out"), *run.overrides,
                        f"{key}={path}"]) == 2
-    _one_line_error(capsys, "not_a_layer" if key.endswith("ckpt_path") else "do not fit a torchvision resnet18")
+    expected = "not_a_layer" if key.endswith("ckpt_path") else "do not fit a torchvision resnet18"
+    _one_line_error(capsys, expected)
     assert not (tmp_path / "out").exists()

@@ -15,9 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.test_train import child_env, small_config
 from unit_fast import atomic
-from unit_fast.train import GracefulStop, Trainer, main
+from unit_fast.train import Trainer, main
 from unit_fast.training import checkpoint as ckpt
 from unit_fast.training.report import read_log
+from unit_fast.training.stopping import GracefulStop
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -106,9 +107,10 @@ def test_a_failed_start_leaves_no_folder(cli, tmp_path, args, capsys):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_checkpoints_and_prints_the_resume_command(cli, tmp_path, sig, code):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "unit_fast.train", *cli, "--output-dir", str(out), "training.max_updates=500",
-               "training.checkpoint_every=1000"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    command = [sys.executable, "-m", "unit_fast.train", *cli, "--output-dir", str(out),
+               "training.max_updates=500", "training.checkpoint_every=1000"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env())
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline and len(_train_steps(out)) < 2:
         time.sleep(0.05)
@@ -117,7 +119,8 @@ def test_a_signal_checkpoints_and_prints_the_resume_command(cli, tmp_path, sig, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-3000:]
     assert "Traceback" not in err, err
-    found = re.search(r"checkpoint of step (\d+) written; resume with: (python -m unit_fast\.train --resume \S+)", err)
+    found = re.search(r"checkpoint of step (\d+) written; resume with: "
+                      r"(python -m unit_fast\.train --resume \S+)", err)
     assert found, err
     step = int(found.group(1))
     assert 2 <= step < 500 and ckpt.latest(str(out / "checkpoints")).endswith(f"{step:08d}.pt")

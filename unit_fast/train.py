@@ -1,11 +1,14 @@
-"""``python -m unit_fast.train [--config NAME|PATH] [--output-dir DIR] [--resume [PATH]] [key=value ...]``
+"""``python -m unit_fast.train [--config NAME|PATH] [--output-dir DIR] [--resume [RUN|CHECKPOINT]]
+[--trust-checkpoint] [key=value ...]``
 
 One linear loop (nanoGPT's ``train.py`` shape), numbered:
   1. config, output folder, logging;  2. distributed set-up (torchrun) and seeds;
   3. data (the synthetic default is generated once when ``data.root`` is null);
   4. model (``training.init_from``: weights from an MMF / unit_fast checkpoint), optimizer,
      schedule, task sampler, batch loader (``data.num_workers`` DataLoader workers);
-  5. resume;  6. the training loop, evaluating every ``training.eval_every`` steps;
+  5. resume (``training/resume.py``: the checkpoint's own config, overrides on top);
+  6. the training loop, evaluating every ``training.eval_every`` steps; SIGINT / SIGTERM finish
+     the step and checkpoint (``training/stopping.py``);
   7. evaluation (not repeated when the last step just evaluated), the per-task table, plots.
 
 Tasks per update: ``training.tasks_per_step: 1`` is MMF's schedule: every update trains one task
@@ -29,9 +32,7 @@ and exits with status 2, no traceback.
 import argparse
 import json
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -39,7 +40,6 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from unit_fast import checkpoint_io
 from unit_fast.atomic import atomic_write
 from unit_fast.config import load_config
 from unit_fast.training import checkpoint as ckpt
@@ -49,17 +49,15 @@ from unit_fast.training.loader import UpdateLoader
 from unit_fast.training.metadata import run_metadata
 from unit_fast.training.optim import build_optimizer, warmup_cosine
 from unit_fast.training.report import RunLog, plot_log
+from unit_fast.training.resume import LATEST, RUNS, find_resume, newest_run, resume_command, run_folder_of
 from unit_fast.training.sampling import TaskSampler, task_probabilities
 from unit_fast.training.skips import SkippedImages
+from unit_fast.training.stopping import GracefulStop
 from unit_fast.training.streams import BatchStream
 
 
 class UsageError(Exception):
     """Bad command-line input: reported in one line, exit status 2."""
-
-
-LATEST = "latest"  # --resume with no PATH
-RUNS = "runs"  # where runs go without --output-dir / training.output_dir
 
 
 DESCRIPTION = """\
@@ -126,66 +124,6 @@ def _datasets_of(cfg):
 
 def _one_line(exc):
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
-class GracefulStop:
-    """While active (``with``), SIGINT and SIGTERM only set ``requested`` (the signal's name): the
-    loop finishes its step, checkpoints and returns.  A second signal raises KeyboardInterrupt at
-    once.  Outside the main thread (signals can't be caught there) it does nothing."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested, self._previous = None, {}
-
-    def _handle(self, signum, frame):
-        if self.requested is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        self.requested = signal.Signals(signum).name
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
-        return False
-
-
-def run_folder_of(checkpoint_path):
-    """The run folder a checkpoint belongs to (``RUN/checkpoints/checkpoint_*.pt`` -> ``RUN``)."""
-    folder = os.path.dirname(os.path.abspath(checkpoint_path))
-    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
-
-
-def find_resume(target, trust=False):
-    """``(path, state)`` of the checkpoint a resume starts from.
-
-    ``target``: a run folder (its newest checkpoint that loads; newer torn or corrupt ones are
-    skipped with a warning naming them), or a checkpoint file, which must load.  Anything else
-    is a one-line ``UsageError``; a file that needs trust raises ``UntrustedCheckpointError``."""
-    target = os.path.expanduser(str(target))
-    if os.path.isdir(target):
-        folder = ckpt.checkpoint_folder(target)
-        if folder is None:
-            raise UsageError(f"--resume: no checkpoint in {target!r} or its checkpoints/ folder")
-        path, state, skipped = ckpt.newest_loadable(folder, trust=trust)
-        for bad, why in skipped:
-            warnings.warn(f"--resume: skipped {bad}: {why}", stacklevel=2)
-        if path is None:
-            raise UsageError(f"--resume: no checkpoint in {folder!r} loads ({skipped[0][1]})")
-        return path, state
-    if not os.path.isfile(target):
-        raise UsageError(f"--resume: {target!r} does not exist (pass a run folder or a checkpoint file)")
-    try:
-        return target, ckpt.load(target, trust=trust)
-    except checkpoint_io.UntrustedCheckpointError:
-        raise
-    except ValueError as exc:
-        raise UsageError(f"--resume: {_one_line(exc)}") from None
 
 
 class Trainer:
@@ -482,15 +420,6 @@ class Trainer:
         return {ds: int(self._sum_over_ranks(n)) for ds, n in self.skipped_images.total.items()}
 
 
-def _newest_run(config_name):
-    """The newest run folder of ``config_name`` under ``runs/`` (``runs/<config>-<time>``)."""
-    runs = ckpt.run_folders(RUNS, prefix=f"{config_name}-")
-    if not runs:
-        raise UsageError(f"--resume: no run of config {config_name!r} with a checkpoint in {RUNS}/; pass "
-                         "--resume RUN_FOLDER or --resume CHECKPOINT")
-    return runs[-1]
-
-
 def setup(args):
     """``(cfg, output_dir, trainer)`` for the parsed command line: a new run, or a resumed one
     whose config is its checkpoint's own with the command line's overrides on top."""
@@ -507,7 +436,7 @@ def setup(args):
             target = args.output_dir
         else:
             named = load_config(args.config, args.overrides)
-            target = named["training"]["output_dir"] or _newest_run(named["config_name"])
+            target = named["training"]["output_dir"] or newest_run(named["config_name"])
     path, state = find_resume(target, trust=args.trust_checkpoint)
     saved = restore.Checkpoint(path, "trainer", state, state.get("meta"), state["step"])
     cfg = restore.checkpoint_config(saved, overrides=args.overrides)
@@ -517,11 +446,6 @@ def setup(args):
         extra = f"; overrides on top of its config: {' '.join(args.overrides)}" if args.overrides else ""
         print(f"resumed from step {trainer.step} of {cfg['training']['max_updates']} ({path}){extra}")
     return cfg, out, trainer
-
-
-def resume_command(out, world):
-    launcher = "torchrun --nproc_per_node N" if world > 1 else "python"
-    return f"{launcher} -m unit_fast.train --resume {out}"
 
 
 def main(argv=None):
