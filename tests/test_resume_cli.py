@@ -190,3 +190,23 @@ def test_every_file_written_by_the_package_goes_through_atomic_write():
                     if "os.replace(" in f.read():
                         offenders.append(os.path.relpath(path, package))
     assert offenders == []
+
+
+def test_a_folder_of_runs_means_its_newest_run(cli, tmp_path, capsys):
+    """``--checkpoint runs`` (evaluate, predict, export): the run whose newest checkpoint is newest."""
+    from unit_fast.training.restore import read_checkpoint
+
+    assert main([*cli, "--output-dir", str(tmp_path / "runs" / "small-a"), "training.max_updates=1"]) == 0
+    older = tmp_path / "runs" / "small-a" / "checkpoints" / "checkpoint_00000001.pt"
+    newer = tmp_path / "runs" / "small-b" / "checkpoints" / "checkpoint_00000001.pt"
+    newer.parent.mkdir(parents=True)
+    newer.write_bytes(older.read_bytes())
+    os.utime(older, (1e9, 1e9))  # small-a's checkpoint is the older one, whatever the names say
+    (tmp_path / "runs" / "not-a-run").mkdir()
+    capsys.readouterr()
+    assert os.path.abspath(read_checkpoint("runs").path) == str(newer)
+    assert "using the newest run in runs: runs/small-b" in capsys.readouterr().err
+    os.utime(newer, (1e8, 1e8))
+    assert os.path.abspath(read_checkpoint("runs").path) == str(older)
+    with pytest.raises(FileNotFoundError, match="no checkpoint_"):
+        read_checkpoint(str(tmp_path / "runs" / "not-a-run"))

@@ -57,7 +57,8 @@ def add_checkpoint_arguments(parser):
     """``--checkpoint`` and ``--trust-checkpoint``: every command that reads a checkpoint has them."""
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint file (.pt, MMF / DETR .pth, .safetensors), a run folder (its "
-                             "newest checkpoint that loads), or a folder of runs such as runs (its newest run)")
+                             "newest checkpoint that loads), or a folder of runs such as runs (its newest "
+                             "run)")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
 
