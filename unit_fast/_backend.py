@@ -2,11 +2,13 @@
 
 Backends, in order of preference:
   ``cpp``        the compiled extension: its CPU kernel on CPU, its CUDA kernel on CUDA;
+  ``torch``      torch's own fused kernels composed for the op (e.g. ``scaled_dot_product_attention``'s
+                 CPU kernels for attention): a fast path where unit_fast has no kernel of its own;
   ``triton``     Triton kernels (CUDA by default; on CPU only when asked for, through the
                  interpreter, ``TRITON_INTERPRET=1`` -- a test device, never a default);
   ``reference``  the pure PyTorch / scipy spec in ``ops/<op>/reference.py``.
 
-``UNIT_FAST_BACKEND=reference|triton|cpp`` (read at every call) or a ``backend=`` argument
+``UNIT_FAST_BACKEND=reference|torch|triton|cpp`` (read at every call) or a ``backend=`` argument
 forces one; a forced backend that is unavailable raises.  Nothing here touches CUDA.
 """
 
@@ -17,7 +19,7 @@ import torch
 
 from unit_fast import _ext
 
-BACKENDS = ("cpp", "triton", "reference")
+BACKENDS = ("cpp", "triton", "torch", "reference")
 
 # Which backends each op implements, per device type.
 OP_BACKENDS = {
@@ -36,7 +38,7 @@ def triton_on_cpu() -> bool:
 
 def _missing_reason(backend: str, device_type: str):
     """None if ``backend`` can run on ``device_type`` on this machine, else why not."""
-    if backend == "reference":
+    if backend in ("reference", "torch"):
         return None
     if backend == "cpp":
         if not _ext.HAS_EXT:
