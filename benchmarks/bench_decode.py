@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.conftest import cuda_only, measure
 from benchmarks.shapes import DECODE_SHAPES, decode_jpegs
-from unit_fast.data.decode import ImageLoader, backend_unavailable_reason, pil_load_one
+from unit_fast.data.decode import ImageLoader, decoder_unavailable_reason, pil_load_one
 from unit_fast.data.transforms import IMAGENET_STD, plan_detr_test
 
 WORKERS = len(os.sched_getaffinity(0))
@@ -37,7 +37,7 @@ NUM_SETS = 2
 # nvJPEG differs more (torchvision's own nvJPEG-vs-libjpeg test allows a mean of 2).
 CHECK_MEAN_LEVELS = 2.0
 
-_DALI_MISSING = backend_unavailable_reason("dali")
+_DALI_MISSING = decoder_unavailable_reason("dali")
 
 
 def _dali_marks(device):
@@ -92,8 +92,8 @@ def _call_for(provider, device, plan):
                 persistent_workers=True, prefetch_factor=2)
 
         return (lambda loader: list(loader)), make_loader
-    backend = provider.split("_")[0]
-    loader = ImageLoader(backend, device, num_threads=WORKERS)
+    decoder = provider.split("_")[0]
+    loader = ImageLoader(decoder, device, num_threads=WORKERS)
     return (lambda datas: loader(list(datas), [plan] * len(datas))), (lambda datas: datas)
 
 

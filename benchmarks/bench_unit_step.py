@@ -3,10 +3,10 @@ against unit_fast's fast path, same parameters, same data.
 
 Group ``unit_step:<setting>`` (shapes.py ``UNIT_STEP_SETTINGS``: COCO detection and VQAv2, DC5 and
 stride 32, 800 x 1088-ish padded images):
-  mmf_reference   ``backend="reference"`` (torch MHA with weights, scipy matching per decoder
+  mmf_reference   ``implementation="reference"`` (torch MHA with weights, scipy matching per decoder
                   layer, torch box losses), float32, **one image per step** as MMF runs UniT
                   (mmf#1216)
-  unit_fast       ``backend="fast"`` (fused attention, one batched matching solve on the device,
+  unit_fast       ``implementation="fast"`` (fused attention, one batched matching solve on the device,
                   fused box losses), bf16 autocast on CUDA, at the largest batch of 2, 4, ..., 64
                   that fits in memory (found before timing)
 Compare samples per second: ``extra_info["samples_per_step"] / median``; ``peak_mem_mb`` per
@@ -46,7 +46,7 @@ def _build(setting, provider, device):
         cfg["model"]["autocast_dtype"] = "bfloat16"
     torch.manual_seed(0)
     model = unit_fast.build_model(cfg).to(device).train()
-    model.set_backend("reference" if provider == "mmf_reference" else "fast")
+    model.set_implementation("reference" if provider == "mmf_reference" else "fast")
     params = [p for p in model.parameters() if p.requires_grad]
     # MMF's AdamW: lr 5e-5, eps 1e-8, weight decay 1e-4 (one group suffices for timing).
     optimizer = torch.optim.AdamW(params, lr=5e-5, eps=1e-8, weight_decay=1e-4)

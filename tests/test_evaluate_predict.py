@@ -30,7 +30,7 @@ TINY_RUN = [
     "data.synthetic.num_train=16", "data.synthetic.num_val=2", "data.synthetic.image_size=64",
     "data.image_sizes.train_scales=[64]", "data.image_sizes.test_size=64",
     "data.image_sizes.crop_scales=[64]", "data.image_sizes.crop_size=[48,64]", "data.image_sizes.max_size=96",
-    "data.decode_backend=pil",
+    "data.decoder=pil",
     "training.batch_size=16", "training.warmup_steps=2", "training.max_updates=2",
     "model.base_args.dim_feedforward=64", "model.bert.config.intermediate_size=64",
 ]
@@ -51,7 +51,7 @@ def run(tmp_path_factory):
 def _model_output(run, ds, index=0):
     """The trained model's output on val item ``index`` of ``ds``, made by the evaluation path."""
     dataset = run.data.val[ds]
-    batch = BatchCollator(ds, backend="pil", dataset_type="val")([dataset[index]])
+    batch = BatchCollator(ds, decoder="pil", dataset_type="val")([dataset[index]])
     batch.pop("targets")
     return run.model(batch), dataset.records[index]
 

@@ -16,7 +16,7 @@ TINY_RUN = [
     "data.synthetic.num_train=16", "data.synthetic.num_val=4", "data.synthetic.image_size=64",
     "data.image_sizes.train_scales=[64]", "data.image_sizes.test_size=64",
     "data.image_sizes.crop_scales=[64]", "data.image_sizes.crop_size=[48,64]", "data.image_sizes.max_size=96",
-    "data.decode_backend=pil",
+    "data.decoder=pil",
     "training.batch_size=2", "training.log_every=1", "training.warmup_steps=2",
     "model.base_args.dim_feedforward=64", "model.bert.config.intermediate_size=64",
 ]
@@ -27,7 +27,7 @@ TINY_RUN = [
 # backward: the cheapest detection step), no dropout (ranks and runs draw no random masks).
 SMALL_CONFIG = """
 model:
-  backend: fast
+  implementation: fast
   base_args:
     backbone: resnet18
     lr_backbone: 0.0
@@ -64,7 +64,7 @@ training:
   device: cpu
 data:
   synthetic: {seed: 0, num_train: 16, num_val: 4, image_size: 64}
-  decode_backend: pil
+  decoder: pil
   image_sizes: {train_scales: [64], max_size: 96, test_size: 64, crop_scales: [64], crop_size: [48, 64]}
   text_max_length: {glue_sst2: 16}
 """

@@ -101,6 +101,6 @@ def test_train_step_autocasts_and_the_bar_shows_loss_lr_rate_eta(train_cache, tm
 def test_autocast_needs_the_fast_path(train_cache, tmp_path, capsys):
     path, _ = small_config(tmp_path, train_cache)
     rc = main(["--config", path, "--output-dir", str(tmp_path / "run"), f"data.cache_dir={train_cache}",
-               "model.autocast_dtype=bfloat16", "model.backend=reference"])
+               "model.autocast_dtype=bfloat16", "model.implementation=reference"])
     assert rc == 2
-    assert "model.autocast_dtype needs model.backend=fast" in capsys.readouterr().err
+    assert "model.autocast_dtype=bfloat16 needs model.implementation=fast" in capsys.readouterr().err

@@ -18,6 +18,13 @@ import yaml
 
 CONFIG_DIR = "configs"
 
+# Keys that were renamed: old dotted key -> new one.  Typed by a user, an old key is an error
+# naming the new one; found in the config a checkpoint stores, it is moved (``migrate_renamed``).
+RENAMED = {
+    "model.backend": "model.implementation",  # fast | reference; "backend" now means a kernel backend
+    "data.decode_backend": "data.decoder",  # dali | torchvision | pil
+}
+
 
 def config_names():
     """The packaged config names (``load_config`` accepts these)."""
@@ -60,6 +67,8 @@ def _merge(into, new, path, open_map=False, open_maps=frozenset()):
     for key, value in new.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in into:
+            if dotted in RENAMED:
+                raise ValueError(f"config key {dotted!r} was renamed: use {RENAMED[dotted]!r}")
             if not open_map:
                 raise ValueError(f"unknown config key {dotted!r}")
             into[key] = copy.deepcopy(value)
@@ -103,6 +112,27 @@ def parse_override(text):
         except ValueError:
             pass
     return key.split("."), value
+
+
+def migrate_renamed(cfg):
+    """Move the ``RENAMED`` keys of a stored config (``cfg``, a nested dict, changed in place) to
+    their new names; returns ``[(old, new), ...]`` of the keys moved."""
+    moved = []
+    for old, new in RENAMED.items():
+        *old_parents, old_key = old.split(".")
+        *new_parents, new_key = new.split(".")
+        section = cfg
+        for part in old_parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        value = section.pop(old_key)
+        target = cfg
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        target.setdefault(new_key, value)
+        moved.append((old, new))
+    return moved
 
 
 def load_config(name_or_path, overrides=()):

@@ -151,7 +151,7 @@ def _metadata(checkpoint, cfg, ds):
     return meta
 
 
-def build_batch(ds, task, meta, args, decode_backend=None):
+def build_batch(ds, task, meta, args, decoder=None):
     """The one-item batch of the input, made as evaluation makes one: a record, the val dataset
     class of ``ds`` (test-time resize, MMF's token layout, the run's max length) and
     ``BatchCollator`` (``dataset_type="test"``; ``targets`` None, so no loss is computed).
@@ -202,7 +202,7 @@ def build_batch(ds, task, meta, args, decode_backend=None):
         dataset = D.TextDataset([rec], ds, tokenizer, max_length=entry["max_length"])
     else:
         raise ValueError(f"predict does not know how to make an input for dataset {ds!r}")
-    batch = D.BatchCollator(ds, backend=decode_backend, dataset_type="test")([dataset[0]])
+    batch = D.BatchCollator(ds, decoder=decoder, dataset_type="test")([dataset[0]])
     batch["targets"] = None  # a prediction: no loss
     return batch, size
 
@@ -342,7 +342,7 @@ def main(argv=None):
         served = restore.model_datasets(cfg)
         ds = choose_dataset(args, served)
         meta = _metadata(checkpoint, cfg, ds)
-        batch, size = build_batch(ds, served[ds], meta, args, cfg["data"]["decode_backend"])
+        batch, size = build_batch(ds, served[ds], meta, args, cfg["data"]["decoder"])
         model = restore.restore_model(checkpoint, cfg, device, trust=args.trust_checkpoint)
         result = predict(model, batch, ds, served[ds], meta, cfg, size, device, args.threshold, args.top_k)
         if args.save_image is not None:

@@ -109,13 +109,17 @@ def _check_options(cfg):
     if not isinstance(t["eval_every"], int) or t["eval_every"] < 0:
         raise UsageError(f"training.eval_every must be an integer >= 0 (0: no periodic evaluation), "
                          f"got {t['eval_every']!r}")
+    implementation = cfg["model"]["implementation"]
+    if implementation not in ("fast", "reference"):
+        raise UsageError(f"model.implementation must be fast or reference, got {implementation!r}")
     amp = cfg["model"]["autocast_dtype"]
-    if amp is not None:
+    if amp not in (None, "auto"):
         if not isinstance(getattr(torch, str(amp), None), torch.dtype):
-            raise UsageError(f"model.autocast_dtype must name a torch dtype (e.g. bfloat16), got {amp!r}")
-        if cfg["model"]["backend"] != "fast":  # UniT.forward autocasts on the fast path only
-            raise UsageError("model.autocast_dtype needs model.backend=fast (the reference path keeps "
-                             "MMF's float32 numerics)")
+            raise UsageError(f"model.autocast_dtype must be auto, null or a torch dtype (e.g. bfloat16), "
+                             f"got {amp!r}")
+        if implementation != "fast":  # the reference keeps MMF's float32 numerics: no autocast
+            raise UsageError(f"model.autocast_dtype={amp} needs model.implementation=fast (the reference "
+                             "implementation keeps MMF's float32 numerics)")
 
 
 def _datasets_of(cfg):
@@ -174,7 +178,7 @@ class Trainer:
             self.model = build_model(cfg, trust=trust_checkpoint).to(self.device)
         except RuntimeError as exc:  # model.base_ckpt_path that does not fit the configured model
             raise UsageError(f"model.base_ckpt_path: {_one_line(exc)[:600]}") from None
-        self.model.set_backend(cfg["model"]["backend"])
+        self.model.set_implementation(cfg["model"]["implementation"])
         # A resumed run's weights come from its checkpoint; init_from only starts a new run.
         init_report = self._init_from(t["init_from"]) if t["init_from"] and resume is None else None
         # find_unused_parameters: a step trains one task's head and encoder, the rest get no gradient.
@@ -193,7 +197,7 @@ class Trainer:
         self.sampler = TaskSampler(probabilities, seed=t["seed"])
         self.streams = {ds: BatchStream(d, ds, t["batch_size"], seed=t["seed"], rank=self.rank,
                                         world_size=self.world) for ds, d in self.data.train.items()}
-        collators = {ds: BatchCollator(ds, backend=data_cfg["decode_backend"], on_error=data_cfg["on_error"])
+        collators = {ds: BatchCollator(ds, decoder=data_cfg["decoder"], on_error=data_cfg["on_error"])
                      for ds in self.data.train}
         self.loader = UpdateLoader(self.data.train, collators, self.sampler, self.streams,
                                    tasks_per_step=t["tasks_per_step"], accumulate=t["accumulate"],

@@ -60,14 +60,14 @@ def _model_for(tok, vocab):
     return unit_fast.build_model(cfg)
 
 
-@pytest.mark.parametrize("backend", decode.available_backends("cpu"))
-def test_generator_readers_datasets_and_model(synthetic, backend):
+@pytest.mark.parametrize("decoder", decode.available_decoders("cpu"))
+def test_generator_readers_datasets_and_model(synthetic, decoder):
     root, _ = synthetic
     tok, vocab, datasets = _datasets(root)
     model = _model_for(tok, vocab)
     for name, ds in datasets.items():
         assert len(ds) > 0, name
-        batch = BatchCollator(name, backend=backend)([ds[i] for i in range(3)])
+        batch = BatchCollator(name, decoder=decoder)([ds[i] for i in range(3)])
         assert batch["dataset_name"] == name and batch["skipped"] == 0
         if name in ("detection_coco", "vqa2", "visual_entailment"):
             images = batch["image"]

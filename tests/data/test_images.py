@@ -1,4 +1,4 @@
-"""Image pipeline: DETR transform plans, boxes vs pixels, backend agreement, bad input, batching.
+"""Image pipeline: DETR transform plans, boxes vs pixels, decoder agreement, bad input, batching.
 
 Images are small JPEGs drawn here: solid coloured rectangles on grey (so a box can be found
 again in the decoded pixels) and a textured image (gradients + noise, where decoders differ
@@ -15,12 +15,12 @@ from PIL import Image, ImageDraw
 
 from unit_fast.data.collate import AspectRatioBatchSampler, collate_images
 from unit_fast.data.decode import (
-    BACKENDS,
+    DECODERS,
     ImageDecodeError,
     ImageLoader,
-    available_backends,
-    backend_unavailable_reason,
-    default_backend,
+    available_decoders,
+    decoder_unavailable_reason,
+    default_decoder,
     image_size,
     load_batch,
 )
@@ -47,7 +47,7 @@ RECTS = {
 }
 SMALL = dict(scales=(120, 136, 152), max_size=240, crop_scales=(150, 170), crop_size=(90, 140))
 
-# Backend agreement, in 8-bit levels of the de-normalised output, against PIL (DETR's path).
+# Decoder agreement, in 8-bit levels of the de-normalised output, against PIL (DETR's path).
 # CPU decoders here are all libjpeg-turbo and the resizes are antialiased bilinear: observed
 # mean < 0.25 and max 1 level (rounding); the bounds leave room for other libjpeg-turbo builds.
 # nvJPEG on CUDA differs more: torchvision's own test allows a mean of 2 levels vs libjpeg-turbo
@@ -57,8 +57,8 @@ AGREEMENT = {"cpu": {"mean": 1.0, "max": 4.0}, "cuda": {"mean": 2.0, "max": None
 
 def _backend_params():
     return [pytest.param(b, marks=pytest.mark.skipif(
-        backend_unavailable_reason(b) is not None, reason=f"{b}: {backend_unavailable_reason(b)}"))
-        for b in BACKENDS]
+        decoder_unavailable_reason(b) is not None, reason=f"{b}: {decoder_unavailable_reason(b)}"))
+        for b in DECODERS]
 
 
 def _jpeg(image, quality=95):
@@ -203,12 +203,12 @@ def _found_box(levels, colour):
     return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("backend", _backend_params())
-def test_boxes_follow_the_drawn_rectangles(backend):
+@pytest.mark.parametrize("decoder", _backend_params())
+def test_boxes_follow_the_drawn_rectangles(decoder):
     data = rect_jpeg()
     rng = random.Random(11)
     plans = dict(HAND_PLANS, **{f"random{i}": plan_detr_train(rng, H, W, **SMALL) for i in range(6)})
-    images = load_batch([data] * len(plans), list(plans.values()), backend=backend)
+    images = load_batch([data] * len(plans), list(plans.values()), decoder=decoder)
     for (name, plan), image in zip(plans.items(), images, strict=True):
         assert tuple(image.shape) == (3, *plan.size), name
         target = apply_plan_to_target(plan, rect_target())
@@ -225,23 +225,23 @@ def test_boxes_follow_the_drawn_rectangles(backend):
             if min(bw, bh) < 2 * tol:
                 continue  # a sliver at the window's edge: too thin to locate by colour
             found = _found_box(levels, RECTS[label][0])
-            assert found is not None, f"{backend} {name}: label {label} not in the image"
+            assert found is not None, f"{decoder} {name}: label {label} not in the image"
             err = (found - want).abs().max().item()
-            assert err <= tol, f"{backend} {name}: {label} at {found.tolist()}, box says {want.tolist()}"
+            assert err <= tol, f"{decoder} {name}: {label} at {found.tolist()}, box says {want.tolist()}"
         for label in set(RECTS) - kept:
-            assert _found_box(levels, RECTS[label][0]) is None, f"{backend} {name}: dropped {label} visible"
+            assert _found_box(levels, RECTS[label][0]) is None, f"{decoder} {name}: dropped {label} visible"
     assert HAND_PLANS["crop_drops_three"] in plans.values()
 
 
 # --------------------------------------------------------------------------------------------
-# Backends agree
+# Decoders agree
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("backend", _backend_params())
-def test_backends_agree_with_pil(backend, device):
-    if backend_unavailable_reason(backend, device):
-        pytest.skip(f"{backend} on {device}: {backend_unavailable_reason(backend, device)}")
+@pytest.mark.parametrize("decoder", _backend_params())
+def test_backends_agree_with_pil(decoder, device):
+    if decoder_unavailable_reason(decoder, device):
+        pytest.skip(f"{decoder} on {device}: {decoder_unavailable_reason(decoder, device)}")
     datas = [textured_jpeg(seed=0), rect_jpeg(), textured_jpeg(333, 251, seed=1)]
     rng = random.Random(4)
     cases = [(datas[0], plan_detr_test(H, W, size=300, max_size=500)),
@@ -249,23 +249,23 @@ def test_backends_agree_with_pil(backend, device):
              (datas[2], plan_detr_test(333, 251, size=100, max_size=500))]
     cases += [(datas[0], plan_detr_train(rng, H, W, **SMALL)) for _ in range(4)]
     items, plans = [c[0] for c in cases], [c[1] for c in cases]
-    got = load_batch(items, plans, backend=backend, device=device)
-    want = load_batch(items, plans, backend="pil")
+    got = load_batch(items, plans, decoder=decoder, device=device)
+    want = load_batch(items, plans, decoder="pil")
     bound = AGREEMENT[device]
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.device.type == device and g.dtype == torch.float32 and g.shape == w.shape
         diff = (to_levels(g) - to_levels(w)).abs()
-        assert diff.mean() <= bound["mean"], f"{backend} case {i} ({plans[i]}): mean {diff.mean():.3f} levels"
+        assert diff.mean() <= bound["mean"], f"{decoder} case {i} ({plans[i]}): mean {diff.mean():.3f} levels"
         if bound["max"] is not None:
-            assert diff.max() <= bound["max"], f"{backend} case {i} ({plans[i]}): max {diff.max():.1f} levels"
+            assert diff.max() <= bound["max"], f"{decoder} case {i} ({plans[i]}): max {diff.max():.1f} levels"
 
 
 def test_backend_selection():
-    assert available_backends()[-1] == "pil" and "torchvision" in available_backends()
-    assert default_backend() == available_backends()[0]
-    if backend_unavailable_reason("dali") is None:
-        assert default_backend() == "dali"
-    with pytest.raises(RuntimeError, match="unknown image backend"):
+    assert available_decoders()[-1] == "pil" and "torchvision" in available_decoders()
+    assert default_decoder() == available_decoders()[0]
+    if decoder_unavailable_reason("dali") is None:
+        assert default_decoder() == "dali"
+    with pytest.raises(RuntimeError, match="unknown image decoder"):
         ImageLoader("opencv")
 
 
@@ -274,8 +274,8 @@ def test_png_and_grayscale_inputs():
     buf = io.BytesIO()
     Image.open(io.BytesIO(rect_jpeg())).save(buf, "PNG")
     plans = [plan_detr_test(H, W, size=120, max_size=500)] * 2
-    for backend in available_backends():
-        out = load_batch([gray, buf.getvalue()], plans, backend=backend, names=["gray.jpg", "rects.png"])
+    for decoder in available_decoders():
+        out = load_batch([gray, buf.getvalue()], plans, decoder=decoder, names=["gray.jpg", "rects.png"])
         assert all(o.shape == (3, 120, 160) for o in out)
         assert (to_levels(out[0]) - 90).abs().max() <= 2
 
@@ -298,8 +298,8 @@ def _corrupt_huffman_table(data):
     return bytes(out)
 
 
-@pytest.mark.parametrize("backend", _backend_params())
-def test_bad_input_names_the_file(tmp_path, backend):
+@pytest.mark.parametrize("decoder", _backend_params())
+def test_bad_input_names_the_file(tmp_path, decoder):
     good = _write(tmp_path, "good.jpg", rect_jpeg())
     plan = plan_detr_test(H, W, size=60, max_size=500)
     data = rect_jpeg()
@@ -313,14 +313,14 @@ def test_bad_input_names_the_file(tmp_path, backend):
     for name, (content, match) in bad.items():
         path = _write(tmp_path, name, content)
         with pytest.raises(ValueError, match=match) as info:
-            load_batch([good, path, good], [plan] * 3, backend=backend)
-        assert name in str(info.value), f"{backend}: {info.value}"
+            load_batch([good, path, good], [plan] * 3, decoder=decoder)
+        assert name in str(info.value), f"{decoder}: {info.value}"
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
-        load_batch([good, str(tmp_path / "missing.jpg")], [plan] * 2, backend=backend)
+        load_batch([good, str(tmp_path / "missing.jpg")], [plan] * 2, decoder=decoder)
     with pytest.raises(ImageDecodeError, match=r"good.jpg.*150x200.*100x200"):
-        load_batch([good], [plan_detr_test(100, 200)], backend=backend)  # annotation disagrees
+        load_batch([good], [plan_detr_test(100, 200)], decoder=decoder)  # annotation disagrees
     # the loader still works after an error (DALI rebuilds its pipeline)
-    assert load_batch([good], [plan], backend=backend)[0].shape == (3, 60, 80)
+    assert load_batch([good], [plan], decoder=decoder)[0].shape == (3, 60, 80)
 
 
 def test_image_size_reads_headers():
@@ -334,8 +334,8 @@ def test_image_size_reads_headers():
 
 def test_mismatched_lengths():
     with pytest.raises(ValueError, match="2 images, 1 plans"):
-        load_batch([b"", b""], [plan_detr_test(H, W)], backend="pil")
-    assert load_batch([], [], backend="pil") == []
+        load_batch([b"", b""], [plan_detr_test(H, W)], decoder="pil")
+    assert load_batch([], [], decoder="pil") == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,13 +352,13 @@ def test_collate_images_pads_and_masks():
 
 
 @pytest.mark.parametrize("size_divisibility", [0, 32])
-@pytest.mark.parametrize("backend", _backend_params())
-def test_load_padded_matches_collate(backend, size_divisibility):
+@pytest.mark.parametrize("decoder", _backend_params())
+def test_load_padded_matches_collate(decoder, size_divisibility):
     rng = random.Random(2)
     datas = [rect_jpeg(), textured_jpeg(333, 251, seed=1), textured_jpeg()]
     plans = [plan_detr_train(rng, H, W, **SMALL), plan_detr_test(333, 251, size=100, max_size=500),
              plan_detr_train(rng, H, W, **SMALL)]
-    loader = ImageLoader(backend)
+    loader = ImageLoader(decoder)
     got = loader.load_padded(datas, plans, size_divisibility=size_divisibility)  # DALI pads in its pipeline
     want = collate_images(loader(datas, plans), size_divisibility)
     assert got.tensors.shape == want.tensors.shape and got.tensors.dtype == torch.float32

@@ -89,7 +89,7 @@ def test_fast_matches_reference(sizes, box_backend, with_attr):
 
     def criterion(backend, dtype):
         crit = build_detection_loss(C, dec_layers=L, attribute_head=copy.deepcopy(head),
-                                    attribute_class_num=A, backend=backend)
+                                    attribute_class_num=A, implementation=backend)
         crit.box_loss_backend = box_backend
         return crit.to(dtype)
 
@@ -115,7 +115,7 @@ def test_fast_matches_reference(sizes, box_backend, with_attr):
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_keys_and_weight_dict(backend):
-    crit = build_detection_loss(C, dec_layers=3, attribute_head=AttributeHead(C, A, D), backend=backend)
+    crit = build_detection_loss(C, dec_layers=3, attribute_head=AttributeHead(C, A, D), implementation=backend)
     base = {"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2, "loss_attr": 1}
     assert crit.weight_dict == {**base, **{f"{k}_{i}": v for i in range(2) for k, v in base.items()}}
     assert crit.losses == ["labels", "boxes", "cardinality"]
@@ -125,7 +125,7 @@ def test_keys_and_weight_dict(backend):
     assert set(losses) == {f"{k}{s}" for k in MAIN_KEYS | {"loss_attr"} for s in ("", "_0", "_1")}
     assert "class_error" not in losses
     assert not losses["cardinality_error"].requires_grad
-    no_aux = build_detection_loss(C, aux_loss=False, backend=backend)
+    no_aux = build_detection_loss(C, aux_loss=False, implementation=backend)
     assert no_aux.weight_dict == {k: v for k, v in base.items()}
     assert set(no_aux(as_outputs(*make_leaves(1, 1, 4)), make_targets([2], attributes=False))) == MAIN_KEYS
 
@@ -137,7 +137,7 @@ def test_hand_computed_loss_ce_and_cardinality(backend):
     outputs = {"pred_logits": torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]]),
                "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]])}
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
-    crit = build_detection_loss(2, aux_loss=False, backend=backend)
+    crit = build_detection_loss(2, aux_loss=False, implementation=backend)
     losses = crit(outputs, targets)
     nll0 = math.log(math.exp(2) + 2) - 2  # -log softmax([2, 0, 0])[0]
     nll1 = math.log(math.e + 2) - 1  # -log softmax([0, 0, 1])[2]
@@ -157,7 +157,7 @@ def test_hand_computed_box_losses(backend):
                "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2]], [[0.3, 0.3, 0.2, 0.2]]])}
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.6, 0.5, 0.2, 0.1]])},
                {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2]])}]
-    losses = build_detection_loss(C, aux_loss=False, backend=backend)(outputs, targets)
+    losses = build_detection_loss(C, aux_loss=False, implementation=backend)(outputs, targets)
     assert losses["loss_bbox"].item() == pytest.approx(0.2 / 2, rel=1e-5)
     assert losses["loss_giou"].item() == pytest.approx((1 - (0.2 - 1 / 6)) / 2, rel=1e-5)
 
@@ -166,7 +166,7 @@ def test_hand_computed_box_losses(backend):
 @pytest.mark.parametrize("sizes", [[0, 0], [2, 0]])
 def test_empty_targets(backend, sizes):
     head = AttributeHead(C, A, D)
-    crit = build_detection_loss(C, dec_layers=2, attribute_head=head, backend=backend)
+    crit = build_detection_loss(C, dec_layers=2, attribute_head=head, implementation=backend)
     leaves = make_leaves(2, len(sizes), 4)
     losses, grads = run(crit, leaves, make_targets(sizes))
     assert all(torch.isfinite(v) for v in losses.values())
@@ -203,7 +203,7 @@ def test_attribute_loss_quirks(backend):
     hs = torch.randn(2, 2, A, requires_grad=True)
     outputs = {"pred_logits": torch.zeros(2, 2, C + 1), "pred_boxes": boxes.view(2, 2, 4), "hs_for_attr": hs}
     head = _LogitsAreHidden()
-    crit = build_detection_loss(C, aux_loss=False, attribute_head=head, backend=backend)
+    crit = build_detection_loss(C, aux_loss=False, attribute_head=head, implementation=backend)
     loss = crit(outputs, targets)["loss_attr"]
     nll = -hs.detach().log_softmax(-1)  # [2, 2, A]
     box_a = 0.5 * (nll[0, 0, 2] + nll[0, 0, 0]) / 2
@@ -225,7 +225,7 @@ def test_attribute_loss_nothing_valid_is_zero():
     outputs = {"pred_logits": torch.zeros(1, 2, C + 1), "pred_boxes": torch.rand(1, 2, 4) * 0.3 + 0.2,
                "hs_for_attr": hs}
     for backend in ("reference", "fast"):
-        crit = build_detection_loss(C, aux_loss=False, attribute_head=_LogitsAreHidden(), backend=backend)
+        crit = build_detection_loss(C, aux_loss=False, attribute_head=_LogitsAreHidden(), implementation=backend)
         assert crit(outputs, targets)["loss_attr"].item() == 0.0
 
 
@@ -238,7 +238,7 @@ def test_num_boxes_distributed_mean(backend, monkeypatch):
     monkeypatch.setattr(criterion_mod.dist, "all_reduce", lambda t: t.add_(4))
     outputs = {"pred_logits": torch.zeros(1, 1, C + 1), "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2]]])}
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.6, 0.5, 0.2, 0.2]])}]
-    losses = build_detection_loss(C, aux_loss=False, backend=backend)(outputs, targets)
+    losses = build_detection_loss(C, aux_loss=False, implementation=backend)(outputs, targets)
     assert losses["loss_bbox"].item() == pytest.approx(0.1 / 2.5, rel=1e-5)
     monkeypatch.setattr(criterion_mod.dist, "all_reduce", lambda t: t.zero_())  # clamp to 1
     assert criterion_mod._num_boxes(targets, "cpu").item() == 1.0
@@ -262,8 +262,8 @@ def _forbid_syncs_in_criterion(monkeypatch):
 
 def test_fast_path_never_reads_the_device(monkeypatch):
     head = AttributeHead(C, A, D)
-    crit_fast = build_detection_loss(C, dec_layers=2, attribute_head=head, backend="fast")
-    crit_ref = build_detection_loss(C, dec_layers=2, attribute_head=head, backend="reference")
+    crit_fast = build_detection_loss(C, dec_layers=2, attribute_head=head, implementation="fast")
+    crit_ref = build_detection_loss(C, dec_layers=2, attribute_head=head, implementation="reference")
     leaves, targets = make_leaves(2, 2, 5), make_targets([3, 1])
     _forbid_syncs_in_criterion(monkeypatch)
     run(crit_fast, leaves, targets)
@@ -273,7 +273,7 @@ def test_fast_path_never_reads_the_device(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_path_no_cuda_sync():
-    crit = build_detection_loss(C, dec_layers=2, attribute_head=AttributeHead(C, A, D), backend="fast").cuda()
+    crit = build_detection_loss(C, dec_layers=2, attribute_head=AttributeHead(C, A, D), implementation="fast").cuda()
     leaves = [x.detach().cuda().requires_grad_() for x in make_leaves(2, 2, 5)]
     targets = [{k: v.cuda() for k, v in t.items()} for t in make_targets([3, 0])]
     run(crit, leaves, targets)  # warm-up: first launches may allocate / compile
@@ -292,7 +292,7 @@ def test_fast_path_no_cuda_sync():
 
 def test_matcher_and_argument_checks():
     matcher = HungarianMatcher(1, 5, 2)
-    crit = SetCriterion(C, matcher, {}, 0.1, ["labels"], backend="fast")
+    crit = SetCriterion(C, matcher, {}, 0.1, ["labels"], implementation="fast")
     assert crit.matcher.keep_on_device and not matcher.keep_on_device
     assert SetCriterion(C, matcher, {}, 0.1, ["labels"]).matcher is matcher
 
@@ -301,11 +301,11 @@ def test_matcher_and_argument_checks():
             return []
 
     with pytest.raises(TypeError, match="match_all"):
-        SetCriterion(C, NoMatchAll(), {}, 0.1, ["labels"], backend="fast")
+        SetCriterion(C, NoMatchAll(), {}, 0.1, ["labels"], implementation="fast")
     with pytest.raises(NotImplementedError, match="labels_balanced"):
         build_detection_loss(C, use_bcl=True)
-    with pytest.raises(ValueError, match="backend"):
-        SetCriterion(C, matcher, {}, 0.1, ["labels"], backend="cuda")
+    with pytest.raises(ValueError, match="implementation"):
+        SetCriterion(C, matcher, {}, 0.1, ["labels"], implementation="cuda")
     with pytest.raises(ValueError, match="unknown loss"):
         SetCriterion(C, matcher, {}, 0.1, ["masks"])
     crit = build_detection_loss(C, attribute_head=AttributeHead(C, A, D), max_attribute_num=8, aux_loss=False)
@@ -315,7 +315,7 @@ def test_matcher_and_argument_checks():
 
 @pytest.mark.parametrize("backend", ["reference", "fast"])
 def test_get_loss_with_detr_indices(backend):
-    crit = build_detection_loss(C, aux_loss=False, backend=backend)
+    crit = build_detection_loss(C, aux_loss=False, implementation=backend)
     outputs, targets = as_outputs(*make_leaves(1, 2, 4)), make_targets([2, 3], attributes=False)
     indices = crit.matcher(outputs, targets)
     losses = crit(outputs, targets)
@@ -328,7 +328,7 @@ def test_get_loss_with_detr_indices(backend):
 
 def test_gradcheck_fast_fp64():
     head = AttributeHead(C, A, D).double()
-    crit = build_detection_loss(C, dec_layers=2, attribute_head=head, backend="fast").double()
+    crit = build_detection_loss(C, dec_layers=2, attribute_head=head, implementation="fast").double()
     targets = targets_as(make_targets([2, 1]), torch.float64)
     leaves = [x.detach().requires_grad_() for x in make_leaves(2, 2, 3, torch.float64)]
 

@@ -15,7 +15,8 @@ TINY = "tiny"
 
 def _model(name=TINY, overrides=(), seed=0):
     torch.manual_seed(seed)
-    return unit_fast.build_model(unit_fast.load_config(name, list(overrides)))
+    # The reference implementation unless asked: these tests compare the fast path against it.
+    return unit_fast.build_model(unit_fast.load_config(name, ["model.implementation=reference", *overrides]))
 
 
 def _images(sizes=((64, 80), (48, 64))):
@@ -242,7 +243,7 @@ def test_reference_and_fast_paths_agree(dataset):
     (fp32, house tolerance for reductions: rtol 1e-4 / atol 1e-5 after a deep network).  The fast
     path runs the Triton attention and box-loss kernels through the interpreter."""
     ref = _model().train()
-    fast = copy.deepcopy(ref).set_backend("fast", kernel_backend="triton")
+    fast = copy.deepcopy(ref).set_implementation("fast", kernel_backend="triton")
     assert type(fast.unit_base_model.transformer.encoder.layers[0].self_attn) is unit_fast.MultiheadAttention
     sample = _samples()[dataset]
     r_out, r_grads = _run_with_grads(ref, sample)
@@ -257,22 +258,22 @@ def test_reference_and_fast_paths_agree(dataset):
         torch.testing.assert_close(f_grads[n], r_grads[n], atol=1e-5, rtol=2e-3, msg=n)
 
 
-def test_set_backend_round_trip_keeps_parameters():
+def test_set_implementation_round_trip_keeps_parameters():
     model = _model()
     params = dict(model.named_parameters())
-    model.set_backend("fast")
-    model.set_backend("reference")
+    model.set_implementation("fast")
+    model.set_implementation("reference")
     assert all(p is params[n] for n, p in model.named_parameters())
     assert type(model.unit_base_model.transformer.encoder.layers[0].self_attn) is torch.nn.MultiheadAttention
-    with pytest.raises(ValueError, match="backend must be one of"):
-        model.set_backend("turbo")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        model.set_implementation("turbo")
 
 
 def test_fast_path_under_bf16_autocast():
     """``model.autocast_dtype=bfloat16``: the fast path runs in bf16 (CPU autocast here), its
     losses stay finite and close to the fp32 reference's (bf16 has 8 bits: 5% relative)."""
     ref = _model(overrides=["model.autocast_dtype=bfloat16"])
-    fast = copy.deepcopy(ref).set_backend("fast")
+    fast = copy.deepcopy(ref).set_implementation("fast")
     for name in ("detection_coco", "vqa2"):
         sample = _samples()[name]
         r = ref(sample)["losses"]  # the reference path ignores autocast_dtype

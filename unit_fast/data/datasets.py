@@ -163,7 +163,7 @@ class BatchCollator:
 
     Args:
         dataset_name: the batch's ``dataset_name``.
-        backend: image decoder (``"dali"``, ``"torchvision"``, ``"pil"``; default: DALI when
+        decoder: image decoder (``"dali"``, ``"torchvision"``, ``"pil"``; default: DALI when
             installed).
         device: where images are decoded (``"cuda"``: DALI mixed / nvJPEG; default CPU).
         on_error: ``"raise"`` (a bad image raises, naming the file) or ``"skip"``: the batch
@@ -172,10 +172,10 @@ class BatchCollator:
         dataset_type: ``"train"`` / ``"val"`` / ``"test"`` (loss-key prefix).
     """
 
-    def __init__(self, dataset_name, *, backend=None, device="cpu", on_error="raise", dataset_type="train"):
+    def __init__(self, dataset_name, *, decoder=None, device="cpu", on_error="raise", dataset_type="train"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.dataset_name, self.backend, self.device = dataset_name, backend, device
+        self.dataset_name, self.decoder, self.device = dataset_name, decoder, device
         self.on_error, self.dataset_type = on_error, dataset_type
 
     def _images(self, items):
@@ -185,7 +185,7 @@ class BatchCollator:
         good = [it for it in items if "image_error" not in it]
         try:
             images = decode.load_batch([it["image_path"] for it in good], [it["plan"] for it in good],
-                                       backend=self.backend, device=self.device)
+                                       decoder=self.decoder, device=self.device)
             errors = [(it, it["image_error"]) for it in unread]
         except (ValueError, OSError):
             if self.on_error == "raise":
@@ -194,7 +194,7 @@ class BatchCollator:
             errors, images, decoded = [(it, it["image_error"]) for it in unread], [], []
             for it in good:
                 try:
-                    images += decode.load_batch([it["image_path"]], [it["plan"]], backend=self.backend,
+                    images += decode.load_batch([it["image_path"]], [it["plan"]], decoder=self.decoder,
                                                 device=self.device)
                     decoded.append(it)
                 except (ValueError, OSError) as exc:

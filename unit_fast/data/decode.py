@@ -1,9 +1,9 @@
 """Decode JPEG/PNG images and execute transform plans on them: DALI, torchvision or PIL.
 
-Every backend takes encoded bytes and one ``transforms.Plan`` per image and returns, per image,
+Every decoder takes encoded bytes and one ``transforms.Plan`` per image and returns, per image,
 ``(3, h_i, w_i)`` float32 RGB normalised with ImageNet mean/std, where ``(h_i, w_i) =
 plan.size``: crop the plan's window, resize it (bilinear, antialiased), mirror if asked,
-normalise.  Backends, in default order:
+normalise.  Decoders, in default order:
 
   ``dali``         NVIDIA DALI: one pipeline run per batch; decodes only the crop window
                    (``decoders.image_slice``), on the GPU ("mixed") for CUDA devices and on CPU
@@ -15,7 +15,7 @@ normalise.  Backends, in default order:
                    on import; they still work, and house style names them.)
   ``pil``          PIL decode + ``Image.resize`` (what DETR does): the slow baseline.
 
-The backends agree up to JPEG-decoder (IDCT, chroma upsampling) and resize-filter rounding: a
+The decoders agree up to JPEG-decoder (IDCT, chroma upsampling) and resize-filter rounding: a
 mean absolute difference near one 8-bit level (``tests/data/test_images.py`` bounds it).  None
 applies EXIF orientation, as DETR's ``PIL.Image.open`` does not.
 
@@ -41,7 +41,7 @@ from unit_fast.data.collate import collate_images
 from unit_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Plan, normalize_uint8
 from unit_fast.models.misc import NestedTensor
 
-BACKENDS = ("dali", "torchvision", "pil")
+DECODERS = ("dali", "torchvision", "pil")
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers (they carry the size): C0..CF except DHT C4, JPG C8, DAC CC.
@@ -145,27 +145,27 @@ def _torchvision_cuda_decode_error(device_index: int) -> str | None:
     return None
 
 
-def backend_unavailable_reason(backend: str, device="cpu") -> str | None:
-    """Why ``backend`` cannot run on ``device``; None when it can."""
-    if backend not in BACKENDS:
-        return f"unknown image backend {backend!r}; expected one of {BACKENDS}"
+def decoder_unavailable_reason(decoder: str, device="cpu") -> str | None:
+    """Why ``decoder`` cannot run on ``device``; None when it can."""
+    if decoder not in DECODERS:
+        return f"unknown image decoder {decoder!r}; expected one of {DECODERS}"
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
-    if backend == "dali":
+    if decoder == "dali":
         return _dali_import_error()
     return None  # torchvision and Pillow are dependencies of the package
 
 
-def available_backends(device="cpu") -> list[str]:
-    """Backends that run on ``device``, in default order (a subset of ``BACKENDS``)."""
-    return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]
+def available_decoders(device="cpu") -> list[str]:
+    """Decoders that run on ``device``, in default order (a subset of ``DECODERS``)."""
+    return [b for b in DECODERS if decoder_unavailable_reason(b, device) is None]
 
 
-def default_backend(device="cpu") -> str:
+def default_decoder(device="cpu") -> str:
     """``dali`` when installed, else ``torchvision``, else ``pil``."""
-    available = available_backends(device)
+    available = available_decoders(device)
     if not available:
-        raise RuntimeError(f"no image backend runs on {device}: {backend_unavailable_reason('pil', device)}")
+        raise RuntimeError(f"no image decoder runs on {device}: {decoder_unavailable_reason('pil', device)}")
     return available[0]
 
 
@@ -329,10 +329,10 @@ def _dali_to_torch(out, device: torch.device) -> Tensor:
 
 
 class ImageLoader:
-    """Decodes batches of images and executes their plans with one backend on one device.
+    """Decodes batches of images and executes their plans with one decoder on one device.
 
     Args:
-        backend: one of ``BACKENDS``; None picks ``default_backend(device)``.  A named backend
+        decoder: one of ``DECODERS``; None picks ``default_decoder(device)``.  A named decoder
             that cannot run raises RuntimeError with the reason.
         device: where the outputs live (and, for ``dali`` / ``torchvision``, where decoding
             runs when it is CUDA).
@@ -341,12 +341,12 @@ class ImageLoader:
     Not thread-safe: a DALI pipeline runs one batch at a time.
     """
 
-    def __init__(self, backend: str | None = None, device="cpu", num_threads: int | None = None):
+    def __init__(self, decoder: str | None = None, device="cpu", num_threads: int | None = None):
         self.device = torch.device(device)
-        self.backend = backend or default_backend(self.device)
-        reason = backend_unavailable_reason(self.backend, self.device)
+        self.decoder = decoder or default_decoder(self.device)
+        reason = decoder_unavailable_reason(self.decoder, self.device)
         if reason is not None:
-            raise RuntimeError(f"image backend {self.backend!r} is unavailable on {self.device}: {reason}")
+            raise RuntimeError(f"image decoder {self.decoder!r} is unavailable on {self.device}: {reason}")
         self.num_threads = num_threads or len(os.sched_getaffinity(0))
         self._dali: dict[int | None, _DaliPipeline] = {}  # by pad_align
 
@@ -366,9 +366,9 @@ class ImageLoader:
         datas, names = self._read(items, plans, names)
         if not datas:
             return []
-        if self.backend == "pil":
+        if self.decoder == "pil":
             return _pil_load(datas, plans, names, self.device)
-        if self.backend == "torchvision":
+        if self.decoder == "torchvision":
             return _torchvision_load(datas, plans, names, self.device)
         out = self._dali_run(datas, plans, names, pad_align=None)
         return [_dali_to_torch(out[i], self.device) for i in range(len(out))]
@@ -381,7 +381,7 @@ class ImageLoader:
 
         DALI pads inside its pipeline (one copy out); the others pad with ``collate_images``.
         """
-        if self.backend != "dali" or not items:
+        if self.decoder != "dali" or not items:
             return collate_images(self(items, plans, names), size_divisibility)
         datas, names = self._read(items, plans, names)
         out = self._dali_run(datas, plans, names, pad_align=max(size_divisibility, 1))
@@ -449,12 +449,12 @@ def _dali_message(error: Exception) -> str:
 
 
 @functools.cache
-def _cached_loader(backend: str | None, device: str) -> ImageLoader:
-    return ImageLoader(backend, device)
+def _cached_loader(decoder: str | None, device: str) -> ImageLoader:
+    return ImageLoader(decoder, device)
 
 
-def load_batch(items: Sequence, plans: Sequence[Plan], backend: str | None = None, device="cpu",
+def load_batch(items: Sequence, plans: Sequence[Plan], decoder: str | None = None, device="cpu",
                names: Sequence[str] | None = None) -> list[Tensor]:
-    """``ImageLoader(backend, device)(items, plans, names)`` with a loader cached per
-    ``(backend, device)``: a list of ``(3, H_i, W_i)`` float32 normalised tensors."""
-    return _cached_loader(backend, str(torch.device(device)))(items, plans, names)
+    """``ImageLoader(decoder, device)(items, plans, names)`` with a loader cached per
+    ``(decoder, device)``: a list of ``(3, H_i, W_i)`` float32 normalised tensors."""
+    return _cached_loader(decoder, str(torch.device(device)))(items, plans, names)

@@ -5,7 +5,7 @@ Written from the facts of MMF ``mmf/models/unit/unit_base_model.py`` (``SetCrite
 sections 1.3, 1.6 and 4.  Loss names, the ``empty_weight`` buffer, the ``_{i}`` aux suffixes
 and every formula are the reference's.
 
-Two execution paths, chosen by ``backend``, that give the same numbers:
+Two execution paths, chosen by ``implementation``, that give the same numbers:
 
 ``"reference"``  MMF's behaviour: the matcher runs once per decoder layer (a scipy solve when
                  built by ``build_detection_loss``, CPU indices), the box losses are
@@ -38,7 +38,7 @@ from unit_fast.ops.box_loss import box_loss, box_loss_ref
 from unit_fast.ops.hungarian_match import to_device
 from unit_fast.ops.hungarian_match.matcher import HungarianMatcher
 
-BACKENDS = ("reference", "fast")
+IMPLEMENTATIONS = ("reference", "fast")
 _KNOWN_LOSSES = ("labels", "boxes", "cardinality")
 
 
@@ -59,7 +59,7 @@ class SetCriterion(nn.Module):
         num_classes: C, the number of object classes; the no-object class is index C.
         matcher: ``unit_fast.HungarianMatcher`` (or DETR/MMF's: any module ``matcher(outputs,
             targets)`` -> B pairs ``(pred_idx, tgt_idx)``; the fast path needs ``match_all``).
-            ``backend="fast"`` stores a shallow copy with ``keep_on_device=True`` when the
+            ``implementation="fast"`` stores a shallow copy with ``keep_on_device=True`` when the
             given matcher has it off (the given module is not modified), so indices stay on
             the device and nothing is checked on the host: an image whose cost holds NaN gets
             garbage pairs (and NaN losses from its NaN predictions) instead of a ValueError.
@@ -72,7 +72,7 @@ class SetCriterion(nn.Module):
             (``num_classes`` for unmatched ones), as in MMF.
         attribute_class_num: A; when given, the head's output width is checked against it.
         max_attribute_num: K, the attribute slots per target box (MMF: 16); None = targets'.
-        backend: ``"reference"`` or ``"fast"`` (see the module docstring).
+        implementation: ``"reference"`` or ``"fast"`` (see the module docstring).
         box_loss_backend: forwarded to ``unit_fast.box_loss`` on the fast path (None = the
             device's default: Triton on CUDA, the reference on CPU; tests force ``"triton"``).
 
@@ -92,11 +92,11 @@ class SetCriterion(nn.Module):
     """
 
     def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses, attribute_head=None,
-                 attribute_class_num=None, max_attribute_num=None, *, backend="reference",
+                 attribute_class_num=None, max_attribute_num=None, *, implementation="reference",
                  box_loss_backend=None):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         for loss in losses:
             if loss == "labels_balanced":
                 raise NotImplementedError(
@@ -104,9 +104,9 @@ class SetCriterion(nn.Module):
                     "implemented; use losses=['labels', 'boxes', 'cardinality']")
             if loss not in _KNOWN_LOSSES:
                 raise ValueError(f"unknown loss {loss!r}; expected one of {_KNOWN_LOSSES}")
-        if backend == "fast":
+        if implementation == "fast":
             if not hasattr(matcher, "match_all"):
-                raise TypeError("backend='fast' needs a matcher with match_all (unit_fast.HungarianMatcher)")
+                raise TypeError("implementation='fast' needs a matcher with match_all (unit_fast.HungarianMatcher)")
             if not getattr(matcher, "keep_on_device", False):
                 matcher = copy.copy(matcher)  # shallow: the caller's matcher keeps its setting
                 matcher.keep_on_device = True
@@ -118,29 +118,29 @@ class SetCriterion(nn.Module):
         self.attribute_head = attribute_head
         self.attribute_class_num = attribute_class_num
         self.max_attribute_num = max_attribute_num
-        self.backend = backend
+        self.implementation = implementation
         self.box_loss_backend = box_loss_backend
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def set_backend(self, backend, box_loss_backend=None):
+    def set_implementation(self, implementation, box_loss_backend=None):
         """Switch paths in place: ``"reference"`` matches per layer with scipy (CPU indices);
         ``"fast"`` solves every layer at once on the device and keeps the indices there."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "fast" and not hasattr(self.matcher, "match_all"):
-            raise TypeError("backend='fast' needs a matcher with match_all (unit_fast.HungarianMatcher)")
-        self.backend, self.box_loss_backend = backend, box_loss_backend
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        if implementation == "fast" and not hasattr(self.matcher, "match_all"):
+            raise TypeError("implementation='fast' needs a matcher with match_all (unit_fast.HungarianMatcher)")
+        self.implementation, self.box_loss_backend = implementation, box_loss_backend
         if hasattr(self.matcher, "keep_on_device"):
             self.matcher = copy.copy(self.matcher)  # shallow: a caller's matcher keeps its settings
-            self.matcher.keep_on_device = backend == "fast"
-            self.matcher.backend = None if backend == "fast" else "reference"
+            self.matcher.keep_on_device = implementation == "fast"
+            self.matcher.backend = None if implementation == "fast" else "reference"
         return self
 
     def extra_repr(self):
         return (f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, "
-                f"backend={self.backend!r}")
+                f"implementation={self.implementation!r}")
 
     # ----------------------------------------------------------------------------- losses
     def loss_labels(self, outputs, matched):
@@ -153,7 +153,7 @@ class SetCriterion(nn.Module):
         if self.attribute_head is not None and matched.attributes is not None:
             if "hs_for_attr" not in outputs:
                 raise KeyError("loss_attr needs outputs['hs_for_attr'] (B, Q, d) in every layer")
-            if self.backend == "reference":
+            if self.implementation == "reference":
                 loss_attr = self._loss_attr_reference(outputs["hs_for_attr"], target_classes, matched)
             else:
                 loss_attr = self._loss_attr_fast(outputs["hs_for_attr"], matched)
@@ -209,7 +209,7 @@ class SetCriterion(nn.Module):
         """``loss_bbox`` = sum L1 / num_boxes, ``loss_giou`` = sum (1 - GIoU) / num_boxes."""
         src_boxes = outputs["pred_boxes"][matched.batch_idx, matched.src_idx]  # [N, 4]
         target_boxes = matched.boxes.to(src_boxes.device)  # [N, 4]
-        if self.backend == "reference":
+        if self.implementation == "reference":
             loss_bbox, loss_giou = box_loss_ref(src_boxes, target_boxes, num_boxes)
         else:
             loss_bbox, loss_giou = box_loss(src_boxes, target_boxes, num_boxes, backend=self.box_loss_backend)
@@ -221,7 +221,7 @@ class SetCriterion(nn.Module):
         targets, averaged over images.  A logged metric: no gradient."""
         logits = outputs["pred_logits"]  # [B, Q, C+1]
         sizes = [int(t["labels"].shape[0]) for t in targets]
-        if self.backend == "reference":
+        if self.implementation == "reference":
             tgt_lengths = torch.as_tensor(sizes, device=logits.device)  # [B]
         else:
             tgt_lengths = to_device(sizes, logits.device)  # [B]; pinned, non-blocking
@@ -230,7 +230,7 @@ class SetCriterion(nn.Module):
 
     def get_loss(self, loss, outputs, targets, indices, num_boxes):
         """DETR's per-loss entry point; ``indices`` is the matcher's list of B ``(pred_idx, tgt_idx)``."""
-        if self.backend == "reference":
+        if self.implementation == "reference":
             matched = _matched_per_image(targets, indices)
         else:
             matched = _FlatTargets(targets, outputs["pred_logits"]).matched(indices)
@@ -249,7 +249,7 @@ class SetCriterion(nn.Module):
     def forward(self, outputs, targets):
         layers = [outputs, *outputs.get("aux_outputs", [])]  # main first, then aux 0, 1, ...
         device = outputs["pred_logits"].device
-        if self.backend == "reference":
+        if self.implementation == "reference":
             # One matcher call (and one host sync) per layer, as MMF.
             matched = [_matched_per_image(targets, self.matcher(_without_aux(o), targets)) for o in layers]
             num_boxes = _num_boxes(targets, device).item()  # host sync, as MMF
@@ -335,18 +335,18 @@ class _FlatTargets:
 def build_detection_loss(num_classes, *, set_cost_class=1, set_cost_bbox=5, set_cost_giou=2,
                          bbox_loss_coef=5, giou_loss_coef=2, attr_loss_coef=1, eos_coef=0.1,
                          dec_layers=6, aux_loss=True, use_bcl=False, attribute_head=None,
-                         attribute_class_num=None, max_attribute_num=16, backend="reference"):
+                         attribute_class_num=None, max_attribute_num=16, implementation="reference"):
     """MMF's ``build_detection_loss`` with the ``base_args`` fields as keywords (MMF defaults).
 
-    The matcher is ``unit_fast.HungarianMatcher``: on ``backend="reference"`` solved by scipy
+    The matcher is ``unit_fast.HungarianMatcher``: on ``implementation="reference"`` solved by scipy
     with CPU indices (MMF), on ``"fast"`` by the default solver with indices kept on the device.
     ``weight_dict`` = ``{loss_ce: 1, loss_bbox, loss_giou, loss_attr}`` plus copies suffixed
     ``_0 .. _{dec_layers-2}`` when ``aux_loss``.  ``use_bcl=True`` selects MMF's balanced
     label loss, which raises ``NotImplementedError``.
     """
     matcher = HungarianMatcher(cost_class=set_cost_class, cost_bbox=set_cost_bbox, cost_giou=set_cost_giou,
-                               logsoftmax=use_bcl, keep_on_device=backend == "fast",
-                               backend="reference" if backend == "reference" else None)
+                               logsoftmax=use_bcl, keep_on_device=implementation == "fast",
+                               backend="reference" if implementation == "reference" else None)
     weight_dict = {"loss_ce": 1, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef,
                    "loss_attr": attr_loss_coef}
     if aux_loss:
@@ -355,4 +355,4 @@ def build_detection_loss(num_classes, *, set_cost_class=1, set_cost_bbox=5, set_
             weight_dict.update({f"{k}_{i}": v for k, v in main.items()})
     losses = ["labels_balanced" if use_bcl else "labels", "boxes", "cardinality"]
     return SetCriterion(num_classes, matcher, weight_dict, eos_coef, losses, attribute_head,
-                        attribute_class_num, max_attribute_num, backend=backend)
+                        attribute_class_num, max_attribute_num, implementation=implementation)

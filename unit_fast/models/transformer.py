@@ -7,7 +7,7 @@ layout of every tensor are the reference's, so MMF state dicts load strictly.
 
 Changes from the reference:
 - attention modules are ``torch.nn.MultiheadAttention`` here; ``unit_fast.patch_attention``
-  turns them into the fused drop-in (``UniT(backend="fast")`` does), same parameters;
+  turns them into the fused drop-in (``UniT`` with ``implementation: fast`` does), same parameters;
 - ``pass_pos_and_query=False`` (unused by every UniT config) raises instead of being
   half-supported.
 

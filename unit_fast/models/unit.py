@@ -5,13 +5,16 @@ Written from the facts of MMF ``mmf/models/unit/{unit.py, unit_base_model.py}``
 (``shared/reference/unit_mmf_detr.md`` sections 1.2, 1.3, 2).  Module and parameter names are
 MMF's, so ``state_dict()`` keys are MMF's, duplicate aliases included.
 
-One model code, two execution paths over the same parameters (``backend``):
-  ``"reference"``  ``torch.nn.MultiheadAttention``, a scipy matcher per decoder layer, torch
-                   box losses: MMF's numerics.
-  ``"fast"``       unit_fast's fused attention (``patch_attention(drop_weights=True)``), one
-                   batched matching solve for every decoder layer, fused box losses, no host sync
-                   in the detection loss.
-The path can be switched after construction with ``set_backend``; parameters never change.
+One model code, two implementations over the same parameters (``model.implementation``):
+  ``"fast"``       (the default) unit_fast's fused attention (``patch_attention(drop_weights=True)``),
+                   one batched matching solve for every decoder layer, fused matching cost and box
+                   losses, no host sync in the detection loss; bf16 autocast on GPUs that support it
+                   (``model.autocast_dtype: auto``).
+  ``"reference"``  MMF's numerics end to end: ``torch.nn.MultiheadAttention``, the matching cost
+                   composed in torch and scipy per decoder layer, torch box losses, no autocast and
+                   no unit_fast kernel.
+It can be switched after construction with ``set_implementation``; parameters never change.
+("backend" names a kernel backend of one op: cpp, triton, torch, reference.)
 
 Deliberate differences from MMF: batches may hold several images of different sizes (padded,
 each with its mask), which MMF's one-image-per-GPU runs never exercised; targets are passed as
@@ -32,7 +35,7 @@ from unit_fast.models.transformer import UniTTransformer
 from unit_fast.nn import patch_attention
 
 TASK_TYPES = ("detection", "vl", "glue")
-BACKENDS = ("reference", "fast")
+IMPLEMENTATIONS = ("reference", "fast")
 
 
 class UniTBaseModel(nn.Module):
@@ -136,8 +139,8 @@ class UniT(nn.Module):
                 self.classifiers[task] = nn.ModuleDict({
                     ds: _classifier(d_dec, h["num_labels"], self.bert_model.config) for ds, h in heads[task].items()})
         self.dropout = nn.Dropout(cfg.get("classifier_dropout", 0.1))
-        self.backend = None
-        self.set_backend(cfg.get("backend", "reference"))
+        self.implementation = None
+        self.set_implementation(cfg.get("implementation", "fast"))
 
     @staticmethod
     def _head_cfg(cfg, task, ds):
@@ -150,16 +153,16 @@ class UniT(nn.Module):
 
     # -- execution path ------------------------------------------------------------------------
 
-    def set_backend(self, backend, *, kernel_backend=None):
-        """Switch between ``"reference"`` and ``"fast"`` in place (same parameters).
+    def set_implementation(self, implementation, *, kernel_backend=None):
+        """Switch between ``"fast"`` and ``"reference"`` in place (same parameters).
 
-        ``kernel_backend`` (fast path only) forces the attention and box-loss kernels'
+        ``kernel_backend`` (fast only) forces the attention, matching-cost and box-loss kernels'
         backend, e.g. ``"triton"`` to run the Triton kernels through the interpreter on CPU
         (tests); None = each op's default for the device."""
-        if backend not in BACKENDS:
-            raise ValueError(f"UniT: backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
-        fast = backend == "fast"
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"UniT: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        self.implementation = implementation
+        fast = implementation == "fast"
         if fast:
             patch_attention(self.unit_base_model, drop_weights=True, backend=kernel_backend)
         else:  # back to torch's own class: same parameters, torch's forward
@@ -167,8 +170,20 @@ class UniT(nn.Module):
                 if isinstance(m, nn.MultiheadAttention) and type(m) is not nn.MultiheadAttention:
                     m.__class__ = nn.MultiheadAttention
         for crit in self.det_losses.values():
-            crit.set_backend(backend, kernel_backend if fast else None)
+            crit.set_implementation(implementation, kernel_backend if fast else None)
         return self
+
+    def autocast_dtype(self, device_type):
+        """The dtype the forward autocasts to on ``device_type``, or None: only on the fast
+        implementation; ``model.autocast_dtype: auto`` = bfloat16 on a CUDA device that supports
+        it, none elsewhere."""
+        amp = self.cfg.get("autocast_dtype")
+        if not amp or self.implementation != "fast":
+            return None
+        if amp == "auto":
+            supported = device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if supported else None
+        return getattr(torch, amp)
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -206,8 +221,9 @@ class UniT(nn.Module):
     # -- forward -------------------------------------------------------------------------------
 
     def forward(self, sample):
-        """One batch of one dataset (under ``torch.autocast`` when ``model.autocast_dtype`` is set
-        and the path is ``fast``: e.g. ``bfloat16`` on GPUs; the losses stay float32).
+        """One batch of one dataset (under ``torch.autocast`` when ``autocast_dtype`` gives a dtype:
+        by default ``bfloat16`` on GPUs that support it, with the fast implementation; the losses
+        stay float32).
 
         ``sample`` (a mapping): ``dataset_name``; ``dataset_type`` (``"train"``/``"val"``/
         ``"test"``, default ``"train"``); ``image`` (see ``UniTBaseModel.forward``) for detection
@@ -220,10 +236,10 @@ class UniT(nn.Module):
         [losses], [attr_logits]}``; vl/glue ``{scores, [losses]}``; loss keys
         ``"{dataset_type}/{dataset_name}/{loss}"``.
         """
-        amp = self.cfg.get("autocast_dtype")
-        if amp and self.backend == "fast":
-            device_type = next(self.parameters()).device.type
-            with torch.autocast(device_type, dtype=getattr(torch, amp)):
+        device_type = next(self.parameters()).device.type
+        dtype = self.autocast_dtype(device_type)
+        if dtype is not None:
+            with torch.autocast(device_type, dtype=dtype):
                 return self._forward(sample)
         return self._forward(sample)
 

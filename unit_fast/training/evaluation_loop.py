@@ -58,7 +58,7 @@ def evaluate_datasets(model, data, cfg, device, rank=0, world=1, batch_size=None
             ev = VQAEvaluator(data.answer_vocab)
         else:
             ev = AccuracyEvaluator()
-        collate = BatchCollator(ds, backend=cfg["data"]["decode_backend"], dataset_type="val",
+        collate = BatchCollator(ds, decoder=cfg["data"]["decoder"], dataset_type="val",
                                 on_error=cfg["data"]["on_error"])
         indices = list(range(rank, len(dataset), world))
         for start in range(0, len(indices), bs):

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from unit_fast import checkpoint_io
-from unit_fast.config import load_config
+from unit_fast.config import load_config, migrate_renamed
 from unit_fast.training import checkpoint as ckpt
 
 
@@ -133,6 +133,10 @@ def checkpoint_config(checkpoint, config=None, overrides=()):
         raise ValueError(f"checkpoint {checkpoint.path!r} holds no unit_fast config (an MMF checkpoint?): "
                          "pass --config NAME|PATH with the model's config")
     saved = plain_config(checkpoint.state["config"])
+    moved = migrate_renamed(saved)
+    if moved:
+        warnings.warn(f"checkpoint {checkpoint.path!r}: its config uses keys renamed since it was written; "
+                      f"migrated {', '.join(f'{old} -> {new}' for old, new in moved)}", stacklevel=2)
     name = saved.pop("config_name", "checkpoint")
     # Through a temporary YAML file, so the saved config is merged onto defaults.yaml and the
     # overrides are checked by the one loader every other entry point uses.

@@ -27,7 +27,9 @@ class HungarianMatcher(nn.Module):
             (DETR returns CPU tensors), so a CUDA training step never waits for the host.
             Then nothing is checked: an image whose cost holds NaN/-inf gets
             ``tgt_idx`` entries equal to ``unit_fast.INVALID`` (-2).
-        backend: force the solver backend (``"cpp"`` or ``"reference"``).
+        backend: force the solver backend (``"cpp"`` or ``"reference"``).  ``"reference"`` also
+            builds the cost with the torch composition (scipy + torch: MMF's numerics, no
+            unit_fast kernel); otherwise the cost takes its op's default backend.
     """
 
     def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1,
@@ -95,6 +97,7 @@ class HungarianMatcher(nn.Module):
             logits, boxes,  # [L, B, Q, C+1], [L, B, Q, 4]
             labels, tboxes, num_targets,  # [B, T], [B, T, 4], [B]
             self.cost_class, self.cost_bbox, self.cost_giou, self.logsoftmax,
+            backend="reference" if self.backend == "reference" else None,
         ).flatten(0, 1)  # [L*B, Q, T]; padding columns are +inf, never read (num_cols)
         num_cols = num_targets.repeat(L) if T else None  # [L*B]
         assign = batched_linear_sum_assignment(cost, num_cols, backend=self.backend)  # [L*B, Q]
