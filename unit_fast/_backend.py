@@ -27,7 +27,7 @@ OP_BACKENDS = {
     "pairwise_giou": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
     "box_loss": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
     "matching_cost": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
-    "attention": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
+    "attention": {"cpu": ("torch", "reference", "triton"), "cuda": ("triton", "reference")},
 }
 
 

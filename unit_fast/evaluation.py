@@ -130,6 +130,18 @@ def _label_mapper(label_to_category_id):
     return mapper
 
 
+def _pycocotools(module):
+    """``pycocotools.<module>``, imported where the COCO evaluation needs it (not at import:
+    unit_fast and its kernels work without it); a clear error when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"pycocotools.{module}")
+    except ImportError as e:
+        raise ImportError("DetectionEvaluator needs pycocotools (pip install pycocotools); "
+                          "the rest of unit_fast works without it") from e
+
+
 class DetectionEvaluator(_Evaluator):
     """COCO box mAP of UniT's detection outputs, by pycocotools ``COCOeval(iouType="bbox")``.
 
@@ -165,7 +177,7 @@ class DetectionEvaluator(_Evaluator):
     """
 
     def __init__(self, records_or_coco_json, label_to_category_id=None):
-        from pycocotools.coco import COCO
+        COCO = _pycocotools("coco").COCO
 
         self._map = _label_mapper(label_to_category_id)
         gt = records_or_coco_json
@@ -222,7 +234,7 @@ class DetectionEvaluator(_Evaluator):
         return sum(1 for a in anns if not a.get("iscrowd", 0) and not a.get("ignore", 0))
 
     def compute(self):
-        from pycocotools.cocoeval import COCOeval
+        COCOeval = _pycocotools("cocoeval").COCOeval
 
         image_ids = sorted(self._detections)
         self.summary = ""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from unit_fast import _backend
+from unit_fast.ops.attention import sdpa
 from unit_fast.ops.attention.reference import additive_mask, attention_ref
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -131,6 +132,13 @@ def attention_with_lse(q, k, v, key_padding_mask=None, attn_mask=None, dropout_p
             raise ValueError(f"attention: the triton backend takes {TRITON_DTYPES} and head dims <= "
                              f"{MAX_HEAD_DIM}; got {q.dtype}, D={q.shape[-1]}, Dv={v.shape[-1]}")
         chosen = "reference"  # an automatic choice falls back quietly (house style section 5)
+    if chosen == "torch":
+        why = sdpa.ineligible(q, v, dropout_p)
+        if why is None:
+            return sdpa.attention_torch(q, k, v, key_padding_mask, attn_mask, scale)
+        if backend is not None or _backend.forced_backend() is not None:
+            raise ValueError(f"attention: the torch backend cannot run these inputs: {why}")
+        chosen = "reference"
     if chosen == "reference":
         return attention_ref(q, k, v, key_padding_mask, attn_mask, dropout_p, scale, return_lse=True)
 
@@ -167,7 +175,9 @@ def attention(q, k, v, key_padding_mask=None, attn_mask=None, dropout_p=0.0, sca
             ``1 / (1 - p)``); the mask is drawn from torch's CPU generator, so
             ``torch.manual_seed`` makes it reproducible.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"triton"`` or ``"reference"`` (default: Triton on CUDA, the reference on CPU).
+        backend: ``"triton"``, ``"torch"`` (torch's fused CPU kernel, ``sdpa.py``: no dropout,
+            ``D == Dv``) or ``"reference"``.  Default: Triton on CUDA; on CPU the torch kernel
+            where it is eligible, else the reference.
 
     Returns:
         ``(B, H, L, Dv)``, ``q``'s dtype.  A query row whose keys are all masked gives 0 and
