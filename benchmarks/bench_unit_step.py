@@ -9,6 +9,9 @@ stride 32, 800 x 1088-ish padded images):
   unit_fast       ``implementation="fast"`` (fused attention, one batched matching solve on the device,
                   fused box losses), bf16 autocast on CUDA, at the largest batch of 2, 4, ..., 64
                   that fits in memory (found before timing)
+Two batch modes (``extra_info["batch_mode"]``), so the ratio means something:
+  ``same``  both providers train on the very same batch of ``SAME_BATCH`` images (seeds 0, 1);
+  ``max``   MMF's one image per step against unit_fast's largest batch (CUDA only).
 Compare samples per second: ``extra_info["samples_per_step"] / median``; ``peak_mem_mb`` per
 sample is ``peak_mem_mb / samples_per_step``; ``host_syncs`` per step are counted on CUDA.
 On CPU only the tiny setting runs, to exercise this harness (its timings mean little).
@@ -26,17 +29,20 @@ from benchmarks.shapes import UNIT_STEP_SETTINGS, unit_step_batch
 CPU_SETTINGS = ("tiny_cpu_det",)
 MAX_GRAD_NORM = 0.1  # MMF's UniT configs: clip_gradients, max_grad_l2_norm 0.1
 FAST_BATCHES = (2, 4, 8, 16, 32, 64)
+SAME_BATCH = 2
 
 
 def _cases():
     cases = []
     for name in UNIT_STEP_SETTINGS:
-        for provider in ("mmf_reference", "unit_fast"):
-            if name in CPU_SETTINGS:
-                cases.append(pytest.param(name, provider, "cpu", id=f"{name}-{provider}-cpu"))
-            else:
-                cases.append(pytest.param(name, provider, "cuda", id=f"{name}-{provider}-cuda",
-                                          marks=cuda_only("UniT-sized steps are timed on CUDA only")))
+        for mode in ("same", "max"):
+            for provider in ("mmf_reference", "unit_fast"):
+                device = "cpu" if name in CPU_SETTINGS else "cuda"
+                if device == "cpu" and mode == "max":
+                    continue  # no largest batch to find on the CPU smoke shape
+                marks = () if device == "cpu" else cuda_only("UniT-sized steps are timed on CUDA only")
+                cases.append(pytest.param(name, provider, device, mode, marks=marks,
+                                          id=f"{name}-{provider}-{device}-{mode}"))
     return cases
 
 
@@ -92,20 +98,20 @@ def _check_finite(sample, loss):
     assert torch.isfinite(loss), f"non-finite training loss {loss.item()}"
 
 
-@pytest.mark.parametrize("setting_name,provider,device", _cases())
-def test_unit_step(benchmark, setting_name, provider, device):
+@pytest.mark.parametrize("setting_name,provider,device,mode", _cases())
+def test_unit_step(benchmark, setting_name, provider, device, mode):
     setting = UNIT_STEP_SETTINGS[setting_name]
-    if provider == "mmf_reference":
+    if mode == "same":
+        batch = SAME_BATCH
+    elif provider == "mmf_reference":
         batch = 1
-    elif device == "cuda":
-        batch = _largest_fast_batch(setting_name)
     else:
-        batch = 2
-    benchmark.group = f"unit_step:{setting_name}"
+        batch = _largest_fast_batch(setting_name)
+    benchmark.group = f"unit_step:{setting_name}:{mode}"
     benchmark.extra_info.update(
         op="unit_step", case=setting_name, provider=provider, device=device, shape=setting.as_dict(),
         dtype="bfloat16" if (provider == "unit_fast" and device == "cuda") else "float32",
-        samples_per_step=batch, role="unit_fast" if provider == "unit_fast" else "baseline",
+        samples_per_step=batch, batch_mode=mode, role="unit_fast" if provider == "unit_fast" else "baseline",
     )
     model, params, optimizer = _build(setting, provider, device)
     inputs = [unit_step_batch(setting, batch, device, seed=s) for s in range(2)]
