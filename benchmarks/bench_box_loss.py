@@ -7,6 +7,7 @@ Group ``box_loss:<shape>`` (shapes.py ``BOX_LOSS_SHAPES``), forward + backward o
   torch_compile_ref     ``torch.compile(box_loss_ref)`` (Inductor)
   unit_fast_triton      ``box_loss(..., backend="triton")`` (CUDA only: the interpreter is
                         never benchmarked)
+  unit_fast_cpp         ``box_loss(..., backend="cpp")``: the C++ CPU kernels (CPU only)
 
 The timed call returns both losses and the gradient wrt the predictions (the targets need
 none, as in training), for ``5 * loss_bbox + 2 * loss_giou`` (DETR's loss weights).  Before
@@ -22,6 +23,7 @@ import torchvision
 
 from benchmarks.conftest import baseline_and_triton_cases, measure
 from benchmarks.shapes import BOX_LOSS_DTYPE, BOX_LOSS_SHAPES, box_loss_pairs
+from unit_fast import _ext
 from unit_fast.ops.box_loss import box_loss, box_loss_ref
 from unit_fast.ops.box_loss.reference import box_cxcywh_to_xyxy
 
@@ -29,7 +31,9 @@ WEIGHTS = (5.0, 2.0)  # DETR bbox_loss_coef, giou_loss_coef
 # float32 sums over up to 1M pairs, and torchvision's eps = 1e-7 in its denominators.
 CHECK_TOL = {"rtol": 1e-4, "atol": 1e-5}
 
-CASES = baseline_and_triton_cases(("detr_reference", "torchvision", "torch_compile_ref"))
+NO_EXT = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"unit_fast._C not loaded: {_ext.EXT_ERROR}")
+CASES = baseline_and_triton_cases(("detr_reference", "torchvision", "torch_compile_ref")) + [
+    pytest.param("unit_fast_cpp", "cpu", id="unit_fast_cpp-cpu", marks=NO_EXT)]
 
 
 def _torchvision_losses(src, tgt, num_boxes):
@@ -51,6 +55,8 @@ def _losses_fn(provider):
         return _torchvision_losses
     if provider == "torch_compile_ref":
         return _compiled_reference()
+    if provider == "unit_fast_cpp":
+        return functools.partial(box_loss, backend="cpp")
     return functools.partial(box_loss, backend="triton")
 
 

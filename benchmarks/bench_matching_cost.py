@@ -10,6 +10,8 @@ same float32 inputs, all on the case's device:
   reference_compiled   ``torch.compile(matching_cost_ref)`` (Inductor).
   unit_fast_triton     ``matching_cost(..., backend="triton")``: CUDA only; the Triton
                        interpreter's speed means nothing, so it is never timed on CPU.
+  unit_fast_cpp        ``matching_cost(..., backend="cpp")``: the C++ CPU kernel (CPU only;
+                       skipped when ``unit_fast._C`` is not built).
 
 Every image has T targets (``num_targets = T``), so the cross-image ``sum T`` is ``B * T`` and
 the padded providers do no wasted work; targets arrive already batched (padded, or flattened
@@ -24,6 +26,7 @@ import torch
 
 from benchmarks.conftest import cuda_only, devices, measure
 from benchmarks.shapes import MATCHER_COSTS, MATCHING_COST_SHAPES, NUM_INPUT_SETS, matching_cost_inputs
+from unit_fast import _ext
 from unit_fast.ops.hungarian_match.reference import _box_cxcywh_to_xyxy, _generalized_box_iou
 from unit_fast.ops.matching_cost import matching_cost, matching_cost_ref
 
@@ -42,6 +45,8 @@ def _cases():
     reason = "Triton is timed on CUDA only (the interpreter's speed means nothing); no CUDA device here"
     cases.append(pytest.param("unit_fast_triton", "cuda", id="unit_fast_triton-cuda",
                               marks=cuda_only(reason)))
+    no_ext = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"unit_fast._C not loaded ({_ext.EXT_ERROR})")
+    cases.append(pytest.param("unit_fast_cpp", "cpu", id="unit_fast_cpp-cpu", marks=no_ext))
     return cases
 
 
@@ -87,6 +92,8 @@ def _provider(provider):
     if provider == "reference_compiled":
         compiled = _compiled_reference()
         return lambda x: compiled(*x, **MATCHER_COSTS)
+    if provider == "unit_fast_cpp":
+        return lambda x: matching_cost(*x, **MATCHER_COSTS, backend="cpp")
     return lambda x: matching_cost(*x, **MATCHER_COSTS, backend="triton")
 
 

@@ -11,6 +11,7 @@ Providers:
   torch_compile_ref   ``torch.compile(pairwise_giou_ref)`` (Inductor)
   unit_fast_triton    ``pairwise_giou(..., backend="triton")`` (CUDA only: the interpreter is
                       never benchmarked)
+  unit_fast_cpp       ``pairwise_giou(..., backend="cpp")``: the C++ CPU kernels (CPU only)
 Before timing, every provider's result is checked against the float64 reference.
 """
 
@@ -22,12 +23,15 @@ import torchvision
 
 from benchmarks.conftest import baseline_and_triton_cases, measure
 from benchmarks.shapes import PAIRWISE_GIOU_SHAPES, pairwise_boxes
+from unit_fast import _ext
 from unit_fast.ops.pairwise_giou import pairwise_giou, pairwise_giou_ref
 
 # float32 gradients are sums over up to 6400 pairs of terms up to ~1/area (~100s): 1e-3.
 CHECK_TOL = {"rtol": 1e-3, "atol": 1e-3}
 
-CASES = baseline_and_triton_cases(("detr_reference", "torchvision", "torch_compile_ref"))
+NO_EXT = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"unit_fast._C not loaded: {_ext.EXT_ERROR}")
+CASES = baseline_and_triton_cases(("detr_reference", "torchvision", "torch_compile_ref")) + [
+    pytest.param("unit_fast_cpp", "cpu", id="unit_fast_cpp-cpu", marks=NO_EXT)]
 
 
 @functools.cache
@@ -41,6 +45,7 @@ def _giou_fn(provider):
         "torchvision": torchvision.ops.generalized_box_iou,
         "torch_compile_ref": _compiled_reference(),
         "unit_fast_triton": functools.partial(pairwise_giou, backend="triton"),
+        "unit_fast_cpp": functools.partial(pairwise_giou, backend="cpp"),
     }[provider]
 
 

@@ -27,6 +27,17 @@ TORCH_LIBRARY(unit_fast, m) {
   m.def(
       "_hungarian_match_block_sim(Tensor cost, Tensor? num_cols, bool maximize, bool scipy_ties, "
       "int threads) -> Tensor");
+  // CPU kernels of the matcher's cost and the box losses (ops/<op>.h; the Triton-backed ops of
+  // the same names without "_cpp" are Python custom ops, unit_fast/ops/<op>/op.py).
+  m.def(
+      "matching_cost_cpp(Tensor pred_logits, Tensor pred_boxes, Tensor tgt_labels, Tensor tgt_boxes, "
+      "Tensor num_targets, float cost_class, float cost_bbox, float cost_giou, bool logsoftmax) -> Tensor");
+  m.def("box_loss_cpp(Tensor src_boxes, Tensor target_boxes) -> (Tensor, Tensor)");
+  m.def(
+      "_box_loss_cpp_backward(Tensor grad_bbox, Tensor grad_giou, Tensor src_boxes, Tensor target_boxes, "
+      "bool need_target_grad) -> (Tensor, Tensor)");
+  m.def("pairwise_giou_cpp(Tensor boxes1, Tensor boxes2) -> Tensor");
+  m.def("_pairwise_giou_cpp_backward(Tensor grad, Tensor boxes1, Tensor boxes2) -> (Tensor, Tensor)");
   m.def("_cuda_version() -> int", &_cuda_version);
 }
 

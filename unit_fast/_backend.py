@@ -24,9 +24,9 @@ BACKENDS = ("cpp", "triton", "torch", "reference")
 # Which backends each op implements, per device type.
 OP_BACKENDS = {
     "hungarian_match": {"cpu": ("cpp", "reference"), "cuda": ("cpp", "reference")},
-    "pairwise_giou": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
-    "box_loss": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
-    "matching_cost": {"cpu": ("reference", "triton"), "cuda": ("triton", "reference")},
+    "pairwise_giou": {"cpu": ("cpp", "reference", "triton"), "cuda": ("triton", "reference")},
+    "box_loss": {"cpu": ("cpp", "reference", "triton"), "cuda": ("triton", "reference")},
+    "matching_cost": {"cpu": ("cpp", "reference", "triton"), "cuda": ("triton", "reference")},
     "attention": {"cpu": ("torch", "reference", "triton"), "cuda": ("triton", "reference")},
 }
 

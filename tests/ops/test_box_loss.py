@@ -11,16 +11,18 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from unit_fast import _backend
+from unit_fast import _backend, _ext
+from unit_fast.box_ops import box_xyxy_to_cxcywh
 from unit_fast.ops.box_loss import BoxLoss, box_loss, box_loss_ref
 from unit_fast.ops.box_loss import triton as box_loss_triton
-from unit_fast.box_ops import box_xyxy_to_cxcywh
 from unit_fast.ops.box_loss.reference import box_cxcywh_to_xyxy
 from unit_fast.testing import REF_ERROR_ATOL, assert_close_ref, assert_within_ref_error
 
 CUDA = torch.cuda.is_available()
-# On CPU both backends, explicitly: Triton is never a CPU default, the interpreter runs it.
-DEVICE_BACKENDS = [("cpu", "reference"), ("cpu", "triton")]
+# On CPU every backend, explicitly: Triton is never a CPU default, the interpreter runs it.
+NO_EXT = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"unit_fast._C not loaded ({_ext.EXT_ERROR})")
+CPP = pytest.param("cpu", "cpp", marks=NO_EXT, id="cpu-cpp")
+DEVICE_BACKENDS = [("cpu", "reference"), ("cpu", "triton"), CPP]
 if CUDA:
     DEVICE_BACKENDS += [("cuda", b) for b in _backend.backends_for("box_loss", "cuda")]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -228,42 +230,48 @@ def test_nan_prediction_propagates(device, backend):
 
 
 # ------------------------------------------------------------------ autograd and registration
-def test_gradcheck_triton():
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cpp", marks=NO_EXT)])
+def test_gradcheck(backend):
     src, tgt = random_pairs(3, torch.float64)
     src.requires_grad_()
     tgt.requires_grad_()
 
     def f(s, t):
-        return box_loss(s, t, torch.tensor(3.0, dtype=torch.float64), backend="triton")
+        return box_loss(s, t, torch.tensor(3.0, dtype=torch.float64), backend=backend)
 
     assert torch.autograd.gradcheck(f, (src, tgt))
     assert torch.autograd.gradcheck(lambda s: f(s, tgt.detach()), (src,))  # target grad skipped
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cpp", marks=NO_EXT)])
+def test_double_backward_raises(backend):
     src, tgt = random_pairs(3, torch.float64)
     src.requires_grad_()
-    loss_bbox, loss_giou = box_loss(src, tgt, 3.0, backend="triton")
+    loss_bbox, loss_giou = box_loss(src, tgt, 3.0, backend=backend)
     (g,) = torch.autograd.grad(loss_bbox + loss_giou, src, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()
 
 
-@pytest.mark.parametrize("device", [d for d, b in DEVICE_BACKENDS if b == "triton"])
-def test_opcheck(device):
+@pytest.mark.parametrize("device,backend", [c for c in DEVICE_BACKENDS if c[1] in ("triton", "cpp")
+                                            or getattr(c, "id", "") == "cpu-cpp"])
+def test_opcheck(device, backend):
+    ops = torch.ops.unit_fast
+    fwd, bwd = ((ops.box_loss_cpp, ops._box_loss_cpp_backward) if backend == "cpp"
+                else (ops.box_loss, ops._box_loss_backward))
     src, tgt = random_pairs(6, torch.float32, device)
-    torch.library.opcheck(torch.ops.unit_fast.box_loss.default, (src.requires_grad_(), tgt))
+    torch.library.opcheck(fwd.default, (src.requires_grad_(), tgt))
     transposed = src.detach().t().contiguous().t()  # stride (1, 6)
-    torch.library.opcheck(torch.ops.unit_fast.box_loss.default, (transposed, tgt.half()))
+    torch.library.opcheck(fwd.default, (transposed, tgt.half()))
     g1, g2 = torch.tensor(0.5, device=device), torch.tensor(2.0, device=device)
     for need_target_grad in (True, False):
-        torch.library.opcheck(torch.ops.unit_fast._box_loss_backward.default,
-                              (g1, g2, src.detach(), tgt, need_target_grad))
+        torch.library.opcheck(bwd.default, (g1, g2, src.detach(), tgt, need_target_grad))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cpp", marks=NO_EXT)])
+def test_compile_fullgraph(backend):
     def f(s, t, nb):
-        loss_bbox, loss_giou = box_loss(s, t, nb, backend="triton")
+        loss_bbox, loss_giou = box_loss(s, t, nb, backend=backend)
         return 5.0 * loss_bbox + 2.0 * loss_giou
 
     src, tgt = random_pairs(10, torch.float32)
@@ -280,7 +288,7 @@ def test_compile_fullgraph():
 
 
 def test_default_backend_and_override(monkeypatch):
-    assert _backend.select_backend("box_loss", "cpu") == "reference"
+    assert _backend.select_backend("box_loss", "cpu") == ("cpp" if _ext.HAS_EXT else "reference")
     src, tgt = random_pairs(4)
     launches = []
     fwd = box_loss_triton.box_loss_fwd_triton
@@ -298,6 +306,70 @@ def test_rejects_bad_shapes():
         box_loss(torch.rand(3, 5), torch.rand(3, 5), 1.0, backend="triton")
     with pytest.raises(RuntimeError, match="target_boxes"):
         box_loss(torch.rand(3, 4), torch.rand(2, 4), 1.0, backend="triton")
+
+
+BAD_ARGS = {
+    "not_n_by_4": (torch.rand(3, 5), torch.rand(3, 5)),
+    "one_dim": (torch.rand(4), torch.rand(4)),
+    "shape_mismatch": (torch.rand(3, 4), torch.rand(2, 4)),
+    "integer_boxes": (torch.rand(3, 4), torch.ones(3, 4, dtype=torch.long)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGS))
+def test_bad_arguments_raise_as_reference(name):
+    """Bad shapes and dtypes: the same exception and message on every backend and from the C++
+    op called directly (which checks its own arguments)."""
+    src, tgt = BAD_ARGS[name]
+    with pytest.raises(RuntimeError) as ref_err:
+        box_loss(src, tgt, 1.0, backend="reference")
+    backends = ["triton"] + (["cpp"] if _ext.HAS_EXT else [])
+    for backend in backends:
+        with pytest.raises(RuntimeError) as err:
+            box_loss(src, tgt, 1.0, backend=backend)
+        assert str(err.value) == str(ref_err.value), backend
+    if _ext.HAS_EXT:
+        for op_call in (lambda: torch.ops.unit_fast.box_loss_cpp(src, tgt),
+                        lambda: torch.ops.unit_fast._box_loss_cpp_backward(
+                            torch.tensor(1.0), torch.tensor(1.0), src, tgt, True)):
+            with pytest.raises(RuntimeError) as err:
+                op_call()
+            assert str(err.value).splitlines()[0] == str(ref_err.value)
+
+
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="needs unit_fast._C")
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["src", "tgt"])
+def test_cpp_non_finite_like_reference(value, where):
+    """A non-finite coordinate: nothing raises (as in the reference), the C++ losses are the
+    reference's (NaN / inf alike), the other pairs' gradients are untouched, and the pair's own
+    gradient is non-finite wherever autograd's is.  (Not bitwise there: with an infinite input
+    autograd's graph multiplies inf by 0 in other places than the analytic formula does.)"""
+    src, tgt = random_pairs(6, torch.float64)
+    (src if where == "src" else tgt)[2, 3] = value
+    got = run(lambda s, t, nb: box_loss(s, t, nb, backend="cpp"), src, tgt, 6.0)
+    want = run(box_loss_ref, src, tgt, 6.0)
+    for name, g, w in zip(("loss_bbox", "loss_giou"), got[:2], want[:2], strict=True):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-12, atol=1e-12, msg=name)
+    others = torch.arange(6) != 2
+    for name, g, w in zip(("grad_src", "grad_tgt"), got[2:], want[2:], strict=True):
+        torch.testing.assert_close(g[others], w[others], rtol=1e-12, atol=1e-12, msg=name)
+        assert not torch.isfinite(g[2])[~torch.isfinite(w[2])].any(), name
+
+
+@pytest.mark.skipif(not _ext.HAS_EXT, reason="needs unit_fast._C")
+def test_cpp_thread_count_invariant():
+    """Fixed blocks, partials added in block order: bitwise the same losses at 1 and 2 threads."""
+    src, tgt = random_pairs(5000)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.unit_fast.box_loss_cpp(src, tgt)
+        torch.set_num_threads(2)
+        two = torch.ops.unit_fast.box_loss_cpp(src, tgt)
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 
 def test_module():

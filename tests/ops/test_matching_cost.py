@@ -1,4 +1,4 @@
-"""unit_fast::matching_cost (reference and Triton) against DETR's own cross-image cost in float64.
+"""unit_fast::matching_cost (reference, C++ CPU and Triton) against DETR's own cross-image cost in float64.
 
 The check evaluates DETR's ``models/matcher.py`` formula -- ``torch.cdist(p=1)``, softmax (or
 MMF's log-softmax) and ``generalized_box_iou`` on the ``[B*Q, sum T]`` matrix -- in float64
@@ -10,7 +10,7 @@ in the padding columns.  On a CPU-only machine the Triton kernel runs through th
 import pytest
 import torch
 
-from unit_fast import _backend
+from unit_fast import _backend, _ext
 from unit_fast.ops.hungarian_match.reference import _box_cxcywh_to_xyxy, _generalized_box_iou
 from unit_fast.ops.matching_cost import matching_cost
 from unit_fast.testing import assert_close_ref, devices
@@ -25,7 +25,7 @@ def _cases():
     cases = []
     for device in devices():
         missing = _backend.missing_backends("matching_cost", device)
-        for backend in ("reference", "triton"):
+        for backend in ("reference", "cpp", "triton"):
             marks = [pytest.mark.skipif(backend in missing, reason=str(missing.get(backend)))]
             cases.append(pytest.param(device, backend, marks=marks, id=f"{device}-{backend}"))
     return cases
@@ -161,7 +161,8 @@ def test_nan_predictions_and_bad_labels(device, backend):
 def test_default_and_forced_backend(device, backend):
     inputs = make_inputs(None, 2, 5, 3, 7, [3, 1], device=device)
     want = _backend.backends_for("matching_cost", device)[0]
-    assert want == ("triton" if device == "cuda" else "reference")
+    cpu_default = "cpp" if _ext.HAS_EXT else "reference"
+    assert want == ("triton" if device == "cuda" else cpu_default)
     default = matching_cost(*inputs, **COSTS)
     forced = matching_cost(*inputs, **COSTS, backend=backend)
     torch.testing.assert_close(default, forced, rtol=1.3e-6, atol=1e-5)
@@ -183,7 +184,7 @@ def test_input_checks():
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_gradient(device, backend):
-    """The reference is differentiable; the Triton op is forward only and says so."""
+    """The reference is differentiable; the Triton and C++ ops are forward only and say so."""
     logits, boxes, labels, tboxes, nt = make_inputs(None, 2, 4, 3, 6, [3, 2], device=device)
     logits.requires_grad_()
     out = matching_cost(logits, boxes, labels, tboxes, nt, **COSTS, backend=backend)
@@ -196,11 +197,12 @@ def test_gradient(device, backend):
             loss.backward()
 
 
-@pytest.mark.parametrize("device,backend", [c for c in CASES if c.id.endswith("triton")])
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.id.endswith(("triton", "cpu-cpp"))])
 @pytest.mark.parametrize("L", [None, 2], ids=["3d", "L2"])
 def test_opcheck(device, backend, L):
     inputs = make_inputs(L, 2, 5, 3, 7, [3, 1], device=device)
-    torch.library.opcheck(torch.ops.unit_fast.matching_cost.default, (*inputs, 1.0, 5.0, 2.0, False))
+    op = torch.ops.unit_fast.matching_cost_cpp if backend == "cpp" else torch.ops.unit_fast.matching_cost
+    torch.library.opcheck(op.default, (*inputs, 1.0, 5.0, 2.0, False))
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -226,3 +228,86 @@ def test_no_host_sync_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(previous)
     check(out, inputs, False)
+
+
+CPP = [c for c in CASES if c.id == "cpu-cpp"]
+
+
+@pytest.mark.parametrize("device,backend", CPP)
+@pytest.mark.parametrize("logsoftmax", [False, True], ids=["softmax", "logsoftmax"])
+def test_cpp_non_finite_like_reference(device, backend, logsoftmax):
+    """+-inf and NaN logits and boxes: the C++ kernel's NaN / inf pattern is the reference's."""
+    logits, boxes, labels, tboxes, nt = make_inputs(2, 2, 8, 5, 40, [5, 3], device=device)
+    logits[0, 0, 0, 3] = float("inf")  # a +inf logit: torch's softmax gives the row NaN
+    logits[0, 0, 1, :] = float("-inf")  # all -inf: NaN
+    logits[0, 0, 2, 7] = float("-inf")  # one -inf: finite
+    logits[1, 1, 3, 0] = float("nan")
+    boxes[0, 1, 4, 2] = float("inf")  # infinite width: L1 inf, GIoU NaN
+    boxes[1, 0, 5, 0] = float("-inf")
+    tboxes[0, 1, 3] = float("inf")  # a real target with an infinite height
+    tboxes[1, 2, 0] = float("nan")  # a real target with a NaN centre
+    boxes[1, 1, 6, 0] = boxes[1, 1, 6, 2] = float("inf")  # cx - w / 2 = inf - inf: NaN corner, L1 inf
+    tboxes[0, 4, 1] = tboxes[0, 4, 3] = float("inf")  # the same on a real target
+    args = (logits, boxes, labels, tboxes, nt)
+    ref = matching_cost(*args, **COSTS, logsoftmax=logsoftmax, backend="reference")
+    out = matching_cost(*args, **COSTS, logsoftmax=logsoftmax, backend=backend)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isposinf(out), torch.isposinf(ref))
+    assert torch.equal(torch.isneginf(out), torch.isneginf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1.3e-6, atol=1e-5)
+
+
+def _bad_inputs():
+    """(name, args, exception, message regex) of every argument check, on 6-layer inputs."""
+    logits, boxes, labels, tboxes, nt = make_inputs(6, 2, 5, 3, 7, [3, 1])
+    good = (logits, boxes, labels, tboxes, nt)
+
+    def swap(i, value):
+        return tuple(value if j == i else a for j, a in enumerate(good))
+
+    return [
+        ("logits_2d", swap(0, logits[0, 0]), ValueError, "pred_logits must be"),
+        ("boxes_shape", swap(1, boxes[..., :4, :]), ValueError, "pred_boxes must be"),
+        ("no_classes", (logits[..., :0], *good[1:]), ValueError, "at least one class"),
+        ("labels_batch", swap(2, labels[:1]), ValueError, "tgt_labels must be"),
+        ("tboxes_shape", swap(3, tboxes[:, :2]), ValueError, "tgt_boxes must be"),
+        ("num_targets_shape", swap(4, nt[:1]), ValueError, "num_targets must be"),
+        ("logits_int", swap(0, logits.long()), TypeError, "pred_logits must be a floating tensor"),
+        ("boxes_int", swap(1, boxes.int()), TypeError, "pred_boxes must be a floating tensor"),
+        ("tboxes_int", swap(3, tboxes.long()), TypeError, "tgt_boxes must be a floating tensor"),
+        ("labels_float", swap(2, labels.float()), TypeError, "tgt_labels must hold integers"),
+        ("num_targets_bool", swap(4, nt.bool()), TypeError, "num_targets must hold integers"),
+    ]
+
+
+@pytest.mark.parametrize("device,backend", CPP)
+@pytest.mark.parametrize("case", range(len(_bad_inputs())), ids=[c[0] for c in _bad_inputs()])
+def test_cpp_errors_like_reference(device, backend, case):
+    """Bad shapes and dtypes raise the reference path's exception type and message, through the
+    public function and when the C++ op is called directly (its own checks, same wording)."""
+    _, args, exc, message = _bad_inputs()[case]
+    with pytest.raises(exc, match=message) as ref_err:
+        matching_cost(*args, **COSTS, backend="reference")
+    with pytest.raises(exc) as cpp_err:
+        matching_cost(*args, **COSTS, backend=backend)
+    assert str(cpp_err.value) == str(ref_err.value)
+    with pytest.raises(exc) as op_err:
+        torch.ops.unit_fast.matching_cost_cpp(*args, 1.0, 5.0, 2.0, False)
+    assert str(op_err.value).splitlines()[0] == str(ref_err.value)
+
+
+@pytest.mark.parametrize("device,backend", CPP)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_thread_count_invariant(device, backend, threads):
+    """No cross-task accumulation: the result is bitwise the same at any thread count."""
+    inputs = make_inputs(6, 5, 37, 11, 92, [11, 0, 5, 3, 9])
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = matching_cost(*inputs, **COSTS, backend=backend)
+        torch.set_num_threads(threads)
+        many = matching_cost(*inputs, **COSTS, backend=backend)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one.nan_to_num(), many.nan_to_num())

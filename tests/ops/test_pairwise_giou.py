@@ -4,13 +4,15 @@ import pytest
 import torch
 import torchvision.ops as tvo
 
-from unit_fast import _backend, box_ops
+from unit_fast import _backend, _ext, box_ops
 from unit_fast.ops.pairwise_giou import pairwise_giou, pairwise_giou_ref
 from unit_fast.testing import assert_close_ref, assert_within_ref_error, devices
 
 # On CPU the Triton kernels run through the interpreter (tests/conftest.py sets it).
+NO_EXT = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"unit_fast._C not loaded: {_ext.EXT_ERROR}")
+CPP = pytest.param("cpu", "cpp", marks=NO_EXT, id="cpu-cpp")
 CASES = [(d, b) for d in devices() for b in (["reference", "triton"] if d == "cpu"
-                                              else _backend.backends_for("pairwise_giou", d))]
+                                              else _backend.backends_for("pairwise_giou", d))] + [CPP]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 # Overlapping, disjoint, nested, identical and touching boxes (exact in binary).
@@ -38,7 +40,7 @@ def check(device, backend, b1, b2, dtype):
     lo = pairwise_giou_ref(l1, l2)
     assert out.dtype == dtype and out.shape == (b1.shape[0], b2.shape[0])
     assert_within_ref_error(out.cpu(), lo, hi, dtype, "value")
-    if backend == "triton":
+    if backend in ("triton", "cpp"):
         # fp32 math rounded once to ``dtype``: against the fp64 reference on the same (rounded)
         # inputs, the elementwise table applies as it stands.
         assert_close_ref(out, pairwise_giou_ref(b1.to(dtype).double(), b2.to(dtype).double()), dtype, "value")
@@ -103,31 +105,38 @@ def test_bad_arguments():
         pairwise_giou(torch.rand(3, 4), torch.rand(2, 4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("device", devices())
+OP_CASES = [(d, "triton") for d in devices()] + [CPP]
+
+
+@pytest.mark.parametrize("device,backend", OP_CASES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "empty"])
-def test_opcheck(device, layout):
+def test_opcheck(device, backend, layout):
     n, m = (0, 3) if layout == "empty" else (5, 3)
     b1, b2 = random_boxes(n, 1).to(device).float(), random_boxes(m, 2).to(device).float()
     g = torch.rand(n, m, device=device)
     if layout == "strided":
         b1, g = b1.t().contiguous().t(), g.t().contiguous().t()
-    torch.library.opcheck(torch.ops.unit_fast.pairwise_giou.default, (b1.requires_grad_(), b2))
-    torch.library.opcheck(torch.ops.unit_fast._pairwise_giou_backward.default, (g, b1.detach(), b2))
+    ops = torch.ops.unit_fast
+    fwd, bwd = ((ops.pairwise_giou_cpp, ops._pairwise_giou_cpp_backward) if backend == "cpp"
+                else (ops.pairwise_giou, ops._pairwise_giou_backward))
+    torch.library.opcheck(fwd.default, (b1.requires_grad_(), b2))
+    torch.library.opcheck(bwd.default, (g, b1.detach(), b2))
 
 
-@pytest.mark.parametrize("device", devices())
-def test_double_backward_raises(device):
+@pytest.mark.parametrize("device,backend", OP_CASES)
+def test_double_backward_raises(device, backend):
     b1 = random_boxes(3, 1).to(device).requires_grad_()
     b2 = random_boxes(2, 2).to(device).requires_grad_()
-    g1, _ = torch.autograd.grad(pairwise_giou(b1, b2, backend="triton").sum(), (b1, b2), create_graph=True)
+    g1, _ = torch.autograd.grad(pairwise_giou(b1, b2, backend=backend).sum(), (b1, b2), create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g1.sum().backward()
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cpp", marks=NO_EXT)])
+def test_compile_fullgraph(backend):
     b1 = random_boxes(5, 1).float().requires_grad_()
     b2 = random_boxes(3, 2).float().requires_grad_()
-    f = torch.compile(lambda x, y: pairwise_giou(x, y, backend="triton"), fullgraph=True, backend="aot_eager")
+    f = torch.compile(lambda x, y: pairwise_giou(x, y, backend=backend), fullgraph=True, backend="aot_eager")
     w = torch.rand(5, 3)
     out = f(b1, b2)  # [5, 3]
     grads = torch.autograd.grad((out * w).sum(), (b1, b2))
@@ -153,3 +162,58 @@ def test_touching_edges_gradient(device, backend):
     want = torch.autograd.grad(pairwise_giou_ref(rx, ry).sum(), (rx, ry))
     for g, w in zip(got, want):
         torch.testing.assert_close(g.cpu(), w)
+
+
+BAD = {
+    "not_n_by_4": ((torch.rand(3, 3), torch.rand(2, 4)), ValueError),
+    "one_dim": ((torch.rand(4), torch.rand(2, 4)), ValueError),
+    "second_bad": ((torch.rand(3, 4), torch.rand(2, 5)), ValueError),
+    "integer": ((torch.ones(3, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)), TypeError),
+    "dtype_mismatch": ((torch.rand(3, 4), torch.rand(2, 4, dtype=torch.float64)), ValueError),
+}
+
+
+@NO_EXT
+@pytest.mark.parametrize("name", list(BAD))
+def test_cpp_bad_arguments_raise_as_reference(name):
+    """Bad shapes / dtypes: the reference path's exception and message, also from the C++ ops
+    called directly (their own checks, worded alike)."""
+    (b1, b2), exc = BAD[name]
+    with pytest.raises(exc) as ref_err:
+        pairwise_giou(b1, b2, backend="reference")
+    with pytest.raises(exc) as err:
+        pairwise_giou(b1, b2, backend="cpp")
+    assert str(err.value) == str(ref_err.value)
+    for call in (lambda: torch.ops.unit_fast.pairwise_giou_cpp(b1, b2),
+                 lambda: torch.ops.unit_fast._pairwise_giou_cpp_backward(torch.rand(3, 2), b1, b2)):
+        with pytest.raises(exc) as err:
+            call()
+        assert str(err.value).splitlines()[0] == str(ref_err.value)
+
+
+@NO_EXT
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_cpp_non_finite_like_reference(value):
+    """A non-finite coordinate: the C++ GIoU is NaN / inf exactly where the reference's is."""
+    b1, b2 = random_boxes(5, 1).float(), random_boxes(4, 2).float()
+    b1[1, 2] = value
+    b2[3, 0] = value
+    got = pairwise_giou(b1, b2, backend="cpp")
+    want = pairwise_giou_ref(b1.double(), b2.double())
+    torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=1.3e-6, atol=1e-5)
+
+
+@NO_EXT
+def test_cpp_thread_count_invariant():
+    b1, b2 = random_boxes(200, 1).float().requires_grad_(), random_boxes(50, 2).float().requires_grad_()
+    g = torch.rand(200, 50)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = pairwise_giou(b1, b2, backend="cpp")
+            results.append((out, *torch.autograd.grad(out, (b1, b2), g)))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -1,8 +1,12 @@
-"""Registration of ``unit_fast::box_loss`` (+ ``unit_fast::_box_loss_backward``) and dispatch.
+"""Registration of ``unit_fast::box_loss`` (+ ``unit_fast::_box_loss_backward``), of
+``unit_fast::box_loss_cpp`` (+ ``unit_fast::_box_loss_cpp_backward``), and dispatch.
 
-Both ops are ``torch.library.custom_op``s whose bodies launch the Triton kernels of
-``triton.py`` (house style section 4), with fakes and an autograd formula, so ``torch.compile``
-sees two opaque ops.  The ops return the two *unnormalised* sums; dividing by ``num_boxes``
+The first pair are ``torch.library.custom_op``s whose bodies launch the Triton kernels of
+``triton.py`` (house style section 4); the second pair are C++ ops (schemas in
+csrc/unit_fast.cpp, CPU kernels in csrc/ops/cpu/box_loss_kernel.cpp), separate ops because the
+Triton pair must stay callable on CPU tensors through the interpreter (its test device).
+Both pairs get fakes and the same autograd wiring here, so ``torch.compile`` sees two opaque
+ops.  The ops return the two *unnormalised* sums; dividing by ``num_boxes``
 is plain torch in ``box_loss`` (a python number, or a 0-d tensor divided on the device).
 Triton is imported at the first launch, not here: the package imports without it.
 """
@@ -10,20 +14,24 @@ Triton is imported at the first launch, not here: the package imports without it
 import torch
 from torch import Tensor
 
-from unit_fast import _backend
+from unit_fast import _backend, _ext
 from unit_fast.ops.box_loss.reference import box_loss_ref, compute_dtype
 
 
 def _check_inputs(src_boxes, target_boxes):
-    torch._check(src_boxes.dim() == 2 and src_boxes.shape[-1] == 4,
-                 lambda: f"box_loss: src_boxes must be (N, 4), got {tuple(src_boxes.shape)}")
-    torch._check(target_boxes.shape == src_boxes.shape,
-                 lambda: f"box_loss: target_boxes {tuple(target_boxes.shape)} != "
-                         f"src_boxes {tuple(src_boxes.shape)}")
-    torch._check(src_boxes.dtype.is_floating_point and target_boxes.dtype.is_floating_point,
-                 lambda: f"box_loss: boxes must be floating, got {src_boxes.dtype} and {target_boxes.dtype}")
-    torch._check(src_boxes.device == target_boxes.device,
-                 lambda: f"box_loss: boxes on {src_boxes.device} and {target_boxes.device}")
+    """Shapes, dtypes, device: metadata only (no host sync), the same messages on every backend
+    (the C++ ops' own checks, csrc/ops/box_loss.h, word them alike).  Plain ``raise`` rather
+    than ``torch._check``: Dynamo traces it in ``box_loss`` under ``fullgraph=True``."""
+    if not (src_boxes.dim() == 2 and src_boxes.shape[-1] == 4):
+        raise RuntimeError(f"box_loss: src_boxes must be (N, 4), got {tuple(src_boxes.shape)}")
+    if target_boxes.shape != src_boxes.shape:
+        raise RuntimeError(f"box_loss: target_boxes {tuple(target_boxes.shape)} != "
+                           f"src_boxes {tuple(src_boxes.shape)}")
+    if not (src_boxes.dtype.is_floating_point and target_boxes.dtype.is_floating_point):
+        raise RuntimeError(f"box_loss: boxes must be floating, got {src_boxes.dtype} and "
+                           f"{target_boxes.dtype}")
+    if src_boxes.device != target_boxes.device:
+        raise RuntimeError(f"box_loss: boxes on {src_boxes.device} and {target_boxes.device}")
 
 
 @torch.library.custom_op("unit_fast::box_loss", mutates_args=())
@@ -65,24 +73,37 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(src_boxes, target_boxes)
 
 
-def _backward(ctx, grad_bbox, grad_giou):
-    src_boxes, target_boxes = ctx.saved_tensors
-    need_src, need_tgt = ctx.needs_input_grad
-    grad_src, grad_tgt = torch.ops.unit_fast._box_loss_backward(
-        grad_bbox, grad_giou, src_boxes, target_boxes, bool(need_tgt)
-    )
-    return (grad_src if need_src else None), (grad_tgt if need_tgt else None)
+def _backward_with(backward_op):
+    def _backward(ctx, grad_bbox, grad_giou):
+        src_boxes, target_boxes = ctx.saved_tensors
+        need_src, need_tgt = ctx.needs_input_grad
+        grad_src, grad_tgt = backward_op(grad_bbox, grad_giou, src_boxes, target_boxes, bool(need_tgt))
+        return (grad_src if need_src else None), (grad_tgt if need_tgt else None)
+
+    return _backward
 
 
-def _double_backward(ctx, grad_src, grad_tgt):
-    raise RuntimeError(
-        "unit_fast::box_loss: double backward (a gradient of its gradient) is not implemented; "
-        "use backend='reference' for higher-order gradients"
-    )
+def _double_backward_of(name):
+    def _double_backward(ctx, grad_src, grad_tgt):
+        raise RuntimeError(
+            f"unit_fast::{name}: double backward (a gradient of its gradient) is not implemented; "
+            "use backend='reference' for higher-order gradients"
+        )
+
+    return _double_backward
 
 
-torch.library.register_autograd("unit_fast::box_loss", _backward, setup_context=_setup_context)
-torch.library.register_autograd("unit_fast::_box_loss_backward", _double_backward)
+torch.library.register_autograd("unit_fast::box_loss", _backward_with(torch.ops.unit_fast._box_loss_backward),
+                                setup_context=_setup_context)
+torch.library.register_autograd("unit_fast::_box_loss_backward", _double_backward_of("box_loss"))
+
+if _ext.HAS_EXT:  # the C++ ops exist only when unit_fast._C loaded
+    torch.library.register_fake("unit_fast::box_loss_cpp")(_box_loss_fake)
+    torch.library.register_fake("unit_fast::_box_loss_cpp_backward")(_box_loss_backward_fake)
+    torch.library.register_autograd("unit_fast::box_loss_cpp",
+                                    _backward_with(torch.ops.unit_fast._box_loss_cpp_backward),
+                                    setup_context=_setup_context)
+    torch.library.register_autograd("unit_fast::_box_loss_cpp_backward", _double_backward_of("box_loss_cpp"))
 
 
 def box_loss(src_boxes, target_boxes, num_boxes, backend=None):
@@ -92,8 +113,8 @@ def box_loss(src_boxes, target_boxes, num_boxes, backend=None):
         src_boxes: ``(N, 4)`` predicted boxes, cxcywh, any floating dtype, any strides.
         target_boxes: ``(N, 4)`` their matched targets, cxcywh, same device.
         num_boxes: python number or 0-d tensor (DETR's all-reduced, clamped target count).
-        backend: ``"triton"`` or ``"reference"`` (default: the device's first, see ``_backend``;
-            Triton on CUDA, the reference on CPU).
+        backend: ``"triton"``, ``"cpp"`` or ``"reference"`` (default: the device's first, see
+            ``_backend``: Triton on CUDA, the C++ kernel on CPU when ``unit_fast._C`` is built).
 
     Returns:
         ``(loss_bbox, loss_giou)``, 0-d tensors::
@@ -104,7 +125,7 @@ def box_loss(src_boxes, target_boxes, num_boxes, backend=None):
         computed in float32 (float64 when an input is float64), as MMF's ``.float()``; a
         float64 ``num_boxes`` tensor promotes the result to float64, as in DETR.  Gradients
         flow to both inputs (in their own dtypes); a second derivative raises on the Triton
-        backend.
+        and C++ backends.  Bad shapes or dtypes raise ``RuntimeError`` on every backend.
 
     No host synchronisation: the kernels write per-block partial sums that torch adds on the
     device, ``num_boxes`` is divided by on the device, and nothing is checked on the host.
@@ -114,8 +135,10 @@ def box_loss(src_boxes, target_boxes, num_boxes, backend=None):
     zero-area box against a proper box has a finite loss.  Inverted boxes (``w < 0``) are
     not rejected (DETR asserts, a host sync); they get what the formula gives.
     """
+    _check_inputs(src_boxes, target_boxes)  # metadata only: no host sync
     chosen = _backend.select_backend("box_loss", src_boxes.device, backend)
     if chosen == "reference":
         return box_loss_ref(src_boxes, target_boxes, num_boxes)
-    sum_bbox, sum_giou = torch.ops.unit_fast.box_loss(src_boxes, target_boxes)
+    op = torch.ops.unit_fast.box_loss_cpp if chosen == "cpp" else torch.ops.unit_fast.box_loss
+    sum_bbox, sum_giou = op(src_boxes, target_boxes)
     return sum_bbox / num_boxes, sum_giou / num_boxes

@@ -1,4 +1,4 @@
-"""The DETR/MMF Hungarian matcher's cost, per image, in one Triton pass.
+"""The DETR/MMF Hungarian matcher's cost, per image, in one pass (Triton, or the C++ CPU kernel).
 
 Public:
   ``matching_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, cost_class,

@@ -1,15 +1,23 @@
-"""Registration of ``unit_fast::matching_cost`` and per-call backend dispatch.
+"""Registration of ``unit_fast::matching_cost`` / ``unit_fast::matching_cost_cpp`` and dispatch.
 
-The Triton backend is a ``torch.library.custom_op`` whose body launches the kernel, with a
-fake for ``torch.compile``.  It is forward only: the matcher computes its cost under
-``torch.no_grad()``.  Its registered backward raises (with the way out: the reference supports
-autograd), so asking for a gradient fails loudly instead of silently returning none.
-The reference backend is plain torch and is called directly.
+Three backends, one per op or none:
+  ``triton``     ``unit_fast::matching_cost``, a ``torch.library.custom_op`` whose body launches
+                 the Triton kernel (CUDA, or CPU through the interpreter in tests);
+  ``cpp``        ``unit_fast::matching_cost_cpp``, a C++ op (schema in csrc/unit_fast.cpp, CPU
+                 kernel in csrc/ops/cpu/matching_cost_kernel.cpp); its fake and autograd are
+                 registered here, as torchvision registers its C++ ops' (house style section 4);
+  ``reference``  plain torch, called directly.
+The C++ kernel is its own op rather than a CPU kernel of the Triton custom op: the Triton op
+must stay callable on CPU tensors (the interpreter is the CPU test device of the Triton kernel),
+so one schema cannot carry both on the CPU key; and a C++ schema lets a CUDA C++ kernel join
+later under the same name.  Both are forward only: the matcher computes its cost under
+``torch.no_grad()``.  Their registered backward raises (with the way out: the reference
+supports autograd), so asking for a gradient fails loudly instead of silently returning none.
 """
 
 import torch
 
-from unit_fast import _backend
+from unit_fast import _backend, _ext
 from unit_fast.ops.matching_cost.reference import matching_cost_ref
 
 
@@ -32,14 +40,22 @@ def _matching_cost_fake(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targ
     return pred_logits.new_empty((*pred_logits.shape[:-1], tgt_labels.shape[1]), dtype=torch.float32)
 
 
-def _no_backward(ctx, grad):
-    raise NotImplementedError(
-        "unit_fast::matching_cost (Triton) has no backward: it is the matcher's cost, computed under "
-        "torch.no_grad(). Call matching_cost(..., backend='reference') to differentiate through it."
-    )
+def _no_backward_of(name):
+    def _no_backward(ctx, grad):
+        raise NotImplementedError(
+            f"unit_fast::{name} has no backward: it is the matcher's cost, computed under "
+            "torch.no_grad(). Call matching_cost(..., backend='reference') to differentiate through it."
+        )
+
+    return _no_backward
 
 
-_matching_cost_op.register_autograd(_no_backward)
+_matching_cost_op.register_autograd(_no_backward_of("matching_cost (Triton)"))
+
+if _ext.HAS_EXT:  # the C++ op exists only when unit_fast._C loaded
+    torch.library.register_fake("unit_fast::matching_cost_cpp")(_matching_cost_fake)
+    torch.library.register_autograd("unit_fast::matching_cost_cpp",
+                                    _no_backward_of("matching_cost_cpp (C++)"))
 
 
 def _check_inputs(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets):
@@ -77,15 +93,20 @@ def matching_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, c
 
     Arguments and result as ``reference.matching_cost_ref`` (shapes, padding, ``+inf``
     columns past ``num_targets[b]``, NaN rows for NaN predictions); ``backend`` forces
-    ``"triton"`` or ``"reference"`` (default: Triton on CUDA, the reference on CPU; see
-    ``unit_fast._backend``).  No host sync on either backend.  The Triton backend has no
-    backward (the matcher runs under ``torch.no_grad()``): asking it for a gradient raises.
+    ``"triton"``, ``"cpp"`` or ``"reference"`` (default: Triton on CUDA, the C++ kernel on CPU
+    when ``unit_fast._C`` is built, else the reference; see ``unit_fast._backend``).  No host
+    sync on any backend.  The Triton and C++ backends have no backward (the matcher runs under
+    ``torch.no_grad()``): asking them for a gradient raises.
     """
     _check_inputs(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets)
     chosen = _backend.select_backend("matching_cost", pred_logits.device, backend)
     if chosen == "reference":
         return matching_cost_ref(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, cost_class,
                                  cost_bbox, cost_giou, logsoftmax)
+    if chosen == "cpp":
+        return torch.ops.unit_fast.matching_cost_cpp(pred_logits, pred_boxes, tgt_labels, tgt_boxes,
+                                                     num_targets, float(cost_class), float(cost_bbox),
+                                                     float(cost_giou), bool(logsoftmax))
     return torch.ops.unit_fast.matching_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets,
                                              float(cost_class), float(cost_bbox), float(cost_giou),
                                              bool(logsoftmax))

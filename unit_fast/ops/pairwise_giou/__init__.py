@@ -1,4 +1,5 @@
-"""Pairwise generalized IoU of xyxy boxes (DETR ``generalized_box_iou``), Triton forward and backward.
+"""Pairwise generalized IoU of xyxy boxes (DETR ``generalized_box_iou``): Triton and C++ CPU
+kernels, forward and backward.
 
 Public:
   ``pairwise_giou(boxes1 (N, 4), boxes2 (M, 4), backend=None)`` -> ``(N, M)``
