@@ -85,7 +85,7 @@ def prepare(args):
     data = restore.build_eval_data(cfg, datasets)
     if checkpoint.meta is not None:
         check_data_matches(checkpoint.meta, data)
-    model = restore.restore_model(checkpoint, cfg, device, trust=args.trust_checkpoint)
+    model = restore.restore_model(checkpoint, cfg, device)
     return checkpoint, cfg, data, model, device, datasets
 
 

@@ -343,7 +343,7 @@ def main(argv=None):
         ds = choose_dataset(args, served)
         meta = _metadata(checkpoint, cfg, ds)
         batch, size = build_batch(ds, served[ds], meta, args, cfg["data"]["decoder"])
-        model = restore.restore_model(checkpoint, cfg, device, trust=args.trust_checkpoint)
+        model = restore.restore_model(checkpoint, cfg, device)
         result = predict(model, batch, ds, served[ds], meta, cfg, size, device, args.threshold, args.top_k)
         if args.save_image is not None:
             draw_detections(args.image, result["detections"], args.save_image)

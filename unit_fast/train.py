@@ -144,6 +144,7 @@ class Trainer:
         # 1-2. output, distributed, seeds
         self.cfg, self.out, self.trust = cfg, output_dir, trust_checkpoint
         self.interrupted = None  # the signal's name once SIGINT / SIGTERM stopped the run
+        self._signal, self._signals_seen = None, None  # the active GracefulStop; ranks that saw a signal
         if resume == LATEST:
             resume = os.path.join(output_dir, "checkpoints")
             if ckpt.checkpoint_folder(resume) is None:
@@ -324,9 +325,12 @@ class Trainer:
             for k, v in losses.items():
                 term_sum[k], term_count[k] = term_sum.get(k, 0.0) + v.detach(), term_count.get(k, 0) + 1
         if self.distributed:  # every rank must take the same decision below: skip or step
-            total = total.clone()
-            dist.all_reduce(total)
-            total = total / self.world
+            # The stop request (SIGINT / SIGTERM on any rank) rides on the same all-reduce, so
+            # stopping costs no collective or host sync of its own (``_stop_requested``).
+            signal_here = self._signal is not None and self._signal.requested is not None
+            packed = torch.stack([total.float(), total.new_tensor(float(signal_here), dtype=torch.float32)])
+            dist.all_reduce(packed)
+            total, self._signals_seen = packed[0] / self.world, packed[1]
         if not torch.isfinite(total):  # host sync: the one per step, for the NaN policy
             self.optimizer.zero_grad(set_to_none=True)
             msg = f"non-finite loss {total.item()} at step {self.step + 1} on tasks {tasks}"
@@ -350,9 +354,8 @@ class Trainer:
         stop after the same step, or the next collective hangs)."""
         if not self.distributed:
             return stop.requested is not None
-        flag = torch.tensor(float(stop.requested is not None), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        # Summed over ranks in train_step's all-reduce; read after its NaN check already synced.
+        return bool(self._signals_seen.item() > 0)
 
     def train(self, max_updates=None, progress=True):
         """Train to ``max_updates`` (default ``training.max_updates``).  SIGINT / SIGTERM finish
@@ -367,7 +370,7 @@ class Trainer:
             bar = tqdm(total=max_updates, initial=self.step, desc="train", dynamic_ncols=True)
         samples_per_update = t["batch_size"] * t["accumulate"] * t["tasks_per_step"]
         since, samples = time.perf_counter(), 0  # throughput since the last train record
-        stop = GracefulStop()
+        stop = self._signal = GracefulStop()
         try:
             with stop:
                 while self.step < max_updates:
@@ -398,6 +401,7 @@ class Trainer:
                     if self.step % t["checkpoint_every"] == 0 or self.step == max_updates:
                         self.save()
         finally:
+            self._signal = None
             self.loader.reset()  # stop the workers
             self.log.flush()
             if bar is not None:

@@ -161,6 +161,18 @@ UNIT_FAST_INLINE V v_exp(V x) {
   void name params { body args; }
 #endif
 
+// The 32-byte vector of a scalar type: what the box kernels compute in (float32 and float64).
+template <typename S>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef v8f type;
+};
+template <>
+struct VecOf<double> {
+  typedef v4d type;
+};
+
 }  // namespace cpu_math
 }  // namespace ops
 }  // namespace unit_fast

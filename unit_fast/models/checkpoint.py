@@ -46,8 +46,8 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _read_state_dict(path, trust=False):
-    ckpt = checkpoint_io.load(path, trust=trust)
+def _read_state_dict(path, trust=False, loaded=None):
+    ckpt = checkpoint_io.load(path, trust=trust) if loaded is None else loaded
     if isinstance(ckpt, dict) and "model" in ckpt:
         return ckpt["model"]
     if isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -55,11 +55,12 @@ def _read_state_dict(path, trust=False):
     raise ValueError(f"checkpoint {path!r} has no 'model' entry and is not a state dict")
 
 
-def mmf_state_dict(path, trust=False):
-    """``(state_dict, report)`` of an MMF UniT checkpoint, keys in the current layout."""
+def mmf_state_dict(path, trust=False, *, loaded=None):
+    """``(state_dict, report)`` of an MMF UniT checkpoint, keys in the current layout.
+    ``loaded``: the checkpoint already read from ``path`` (not read again)."""
     report = LoadReport(str(path))
     state = {}
-    for key, value in _read_state_dict(path, trust).items():
+    for key, value in _read_state_dict(path, trust, loaded).items():
         if key.startswith("module."):  # saved from a DistributedDataParallel wrapper
             key = key[len("module."):]
         if key.startswith("detr_model."):
@@ -72,7 +73,7 @@ def mmf_state_dict(path, trust=False):
     return state, report
 
 
-def load_mmf_checkpoint(path, model=None, strict=True, trust=False):
+def load_mmf_checkpoint(path, model=None, strict=True, trust=False, *, loaded=None):
     """Load an MMF UniT checkpoint (its ``"model"`` entry).
 
     Args:
@@ -81,11 +82,13 @@ def load_mmf_checkpoint(path, model=None, strict=True, trust=False):
         strict: raise ``RuntimeError`` (with the report) when keys are missing or unexpected.
         trust: unpickle the file fully (it may run code: only for a file you trust).  Without
             it, a file that needs more than weights raises ``UntrustedCheckpointError``.
+        loaded: the checkpoint already read from ``path`` (``read_checkpoint`` has): a
+            multi-GB file is not read twice.
 
     Returns:
         ``LoadReport`` (with ``model``), else ``(state_dict, LoadReport)``.
     """
-    state, report = mmf_state_dict(path, trust)
+    state, report = mmf_state_dict(path, trust, loaded=loaded)
     if model is None:
         return state, report
     own = model.state_dict()

@@ -169,7 +169,7 @@ def build_eval_data(cfg, datasets):
     return data
 
 
-def restore_model(checkpoint, cfg, device, trust=False):
+def restore_model(checkpoint, cfg, device):
     """``UniT`` built from ``cfg`` with the checkpoint's weights, on ``device``, in eval mode.
     A checkpoint that does not fit the config raises ValueError naming the first keys."""
     from unit_fast.models.checkpoint import load_mmf_checkpoint
@@ -183,7 +183,7 @@ def restore_model(checkpoint, cfg, device, trust=False):
         if checkpoint.kind == "trainer":
             model.load_state_dict(checkpoint.state["model"])
         else:
-            load_mmf_checkpoint(checkpoint.path, model, trust=trust)
+            load_mmf_checkpoint(checkpoint.path, model, loaded=checkpoint.state)
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {checkpoint.path!r} does not fit the model of config "
                          f"{cfg.get('config_name')!r}: {one_line(exc)[:600]}") from None

@@ -37,16 +37,6 @@ using namespace cpu_math;  // NOLINT: the vector helpers
 
 constexpr int64_t kBlock = 1024;  // pairs per partial sum (and per parallel task)
 
-template <typename S>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef v8f type;
-};
-template <>
-struct VecOf<double> {
-  typedef v4d type;
-};
 
 // kLanes pairs, transposed: c[k][j] is coordinate k of pair j; lanes past `n` hold a unit box
 // (finite, nonzero area: no 0 / 0), whose results are dropped.

@@ -33,16 +33,6 @@ using namespace cpu_math;  // NOLINT: the vector helpers
 
 constexpr int64_t kRows = 32;  // rows of boxes1 per task (and per boxes2-gradient partial)
 
-template <typename S>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef v8f type;
-};
-template <>
-struct VecOf<double> {
-  typedef v4d type;
-};
 constexpr int64_t kPad = 8;  // columns are padded to 8: a whole v8f or two v4d
 
 int64_t pad_cols(int64_t m) { return (m + kPad - 1) / kPad * kPad; }

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from unit_fast import _backend
+from unit_fast.ops._autograd import double_backward_raises
 from unit_fast.ops.attention import sdpa
 from unit_fast.ops.attention.reference import additive_mask, attention_ref
 
@@ -71,13 +72,8 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, None, None
 
 
-def _double_backward(ctx, *grads):
-    raise RuntimeError("unit_fast::attention: double backward is not implemented; "
-                       "use backend='reference' for higher-order gradients")
-
-
 torch.library.register_autograd("unit_fast::attention", _backward, setup_context=_setup_context)
-torch.library.register_autograd("unit_fast::_attention_backward", _double_backward)
+torch.library.register_autograd("unit_fast::_attention_backward", double_backward_raises("attention"))
 
 
 def _check(q, k, v, key_padding_mask, attn_mask, dropout_p, scale):

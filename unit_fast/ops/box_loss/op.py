@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from unit_fast import _backend, _ext
+from unit_fast.ops._autograd import double_backward_raises
 from unit_fast.ops.box_loss.reference import box_loss_ref, compute_dtype
 
 
@@ -83,19 +84,9 @@ def _backward_with(backward_op):
     return _backward
 
 
-def _double_backward_of(name):
-    def _double_backward(ctx, grad_src, grad_tgt):
-        raise RuntimeError(
-            f"unit_fast::{name}: double backward (a gradient of its gradient) is not implemented; "
-            "use backend='reference' for higher-order gradients"
-        )
-
-    return _double_backward
-
-
 torch.library.register_autograd("unit_fast::box_loss", _backward_with(torch.ops.unit_fast._box_loss_backward),
                                 setup_context=_setup_context)
-torch.library.register_autograd("unit_fast::_box_loss_backward", _double_backward_of("box_loss"))
+torch.library.register_autograd("unit_fast::_box_loss_backward", double_backward_raises("box_loss"))
 
 if _ext.HAS_EXT:  # the C++ ops exist only when unit_fast._C loaded
     torch.library.register_fake("unit_fast::box_loss_cpp")(_box_loss_fake)
@@ -103,7 +94,7 @@ if _ext.HAS_EXT:  # the C++ ops exist only when unit_fast._C loaded
     torch.library.register_autograd("unit_fast::box_loss_cpp",
                                     _backward_with(torch.ops.unit_fast._box_loss_cpp_backward),
                                     setup_context=_setup_context)
-    torch.library.register_autograd("unit_fast::_box_loss_cpp_backward", _double_backward_of("box_loss_cpp"))
+    torch.library.register_autograd("unit_fast::_box_loss_cpp_backward", double_backward_raises("box_loss_cpp"))
 
 
 def box_loss(src_boxes, target_boxes, num_boxes, backend=None):

@@ -11,6 +11,7 @@ stay callable on CPU tensors through the interpreter, its test device.
 import torch
 
 from unit_fast import _backend, _ext
+from unit_fast.ops._autograd import double_backward_raises
 from unit_fast.ops.pairwise_giou.reference import pairwise_giou_ref
 from unit_fast.ops.pairwise_giou.triton import pairwise_giou_bwd_triton, pairwise_giou_fwd_triton
 
@@ -50,23 +51,13 @@ def _backward_with(backward_op):
     return _backward
 
 
-def _double_backward_of(name):
-    def _double_backward(ctx, grad1, grad2):
-        raise RuntimeError(
-            f"unit_fast::{name}: double backward (a gradient of the gradient) is not implemented; "
-            "use backend='reference' for higher-order derivatives"
-        )
-
-    return _double_backward
-
-
 def _no_context(ctx, inputs, output):
     pass
 
 
 _pairwise_giou_op.register_autograd(_backward_with(_pairwise_giou_backward_op), setup_context=_setup_context)
 # Like torchvision's ``_roi_align_backward``: the backward op's own backward raises.
-_pairwise_giou_backward_op.register_autograd(_double_backward_of("pairwise_giou"), setup_context=_no_context)
+_pairwise_giou_backward_op.register_autograd(double_backward_raises("pairwise_giou"), setup_context=_no_context)
 
 
 def _cpp_backward_fake(grad, boxes1, boxes2):
@@ -81,7 +72,7 @@ if _ext.HAS_EXT:  # the C++ ops exist only when unit_fast._C loaded
                                     _backward_with(torch.ops.unit_fast._pairwise_giou_cpp_backward),
                                     setup_context=_setup_context)
     torch.library.register_autograd("unit_fast::_pairwise_giou_cpp_backward",
-                                    _double_backward_of("pairwise_giou_cpp"), setup_context=_no_context)
+                                    double_backward_raises("pairwise_giou_cpp"), setup_context=_no_context)
 
 
 def _check(boxes1, boxes2):
