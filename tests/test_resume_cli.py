@@ -210,3 +210,46 @@ def test_a_folder_of_runs_means_its_newest_run(cli, tmp_path, capsys):
     assert os.path.abspath(read_checkpoint("runs").path) == str(older)
     with pytest.raises(FileNotFoundError, match="no checkpoint_"):
         read_checkpoint(str(tmp_path / "runs" / "not-a-run"))
+
+
+def _children(pid):
+    """PIDs whose parent is ``pid`` (from /proc: torchrun's worker processes)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds torchrun's workers through /proc")
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(cli, tmp_path):
+    """Under DDP (2 gloo ranks) a SIGINT that reaches rank 1 only: the request rides on the step's
+    loss all-reduce, so both ranks stop after the same step (no rank left waiting in a collective)
+    and rank 0 writes that step's checkpoint."""
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen([*torchrun, "-m", "unit_fast.train", *cli, "--output-dir", str(out),
+                             "training.max_updates=500", "training.checkpoint_every=1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline and len(_train_steps(out)) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    ranks = {}
+    for pid in _children(proc.pid):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        ranks[int(env.get(b"RANK", b"-1"))] = pid
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(ranks[1], signal.SIGINT)
+    _, err = proc.communicate(timeout=120)  # a rank stuck in a collective would hang here
+    found = re.search(r"checkpoint of step (\d+) written", err)
+    assert found, err[-3000:]
+    step = int(found.group(1))
+    assert ckpt.latest(str(out / "checkpoints")).endswith(f"{step:08d}.pt")
+    assert max(_train_steps(out)) == step and step < 500
