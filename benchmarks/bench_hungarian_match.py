@@ -3,10 +3,14 @@
 Groups (``benchmark.group``), each timed in one run on the same inputs:
   ``hungarian_match:<shape>``          the solver on ``(B, Q, T)`` float32 costs (shapes.py):
       scipy_loop               the reference: ``cost.cpu()``, one scipy call per problem (DETR)
-      lapx_lapjvx_batch        lapx's batched lapjvx (square-padded), from the torch tensor
-      lapx_lapjvr_batch        lapx's batched lapjvr (native rectangular), from the torch tensor
+      lapx_<solver>            each of lapx's batch solvers (LAPX_BATCH_SOLVERS), from the torch
+                               tensor as float32, ``extend_cost=True``, as many threads as torch
+      lapx_lapmod_batch        lapx's sparse solver on square shapes only (the dense costs as CSR,
+                               built before timing)
       torch_linear_assignment  its Triton kernel (CUDA only: its CPU path is a scipy loop)
       unit_fast_cpp / unit_fast_cuda   ``batched_linear_sum_assignment(cost, backend="cpp")``
+  A ragged shape (``T_min``) gives unit_fast and scipy each problem's ``num_cols``; the solvers
+  that take only uniform batches solve the zero-padded tensor (exact: see ``lsa_costs``).
   ``hungarian_matcher:<setting>``      DETR's matcher over every decoder layer:
       detr_matcher             ``hungarian_matcher_ref`` once per layer, as DETR's criterion does
       unit_fast_match_all      ``HungarianMatcher.match_all``: all layers in one solve
@@ -30,6 +34,7 @@ from benchmarks.shapes import (
     MATCHER_COSTS,
     MATCHER_SETTINGS,
     lsa_costs,
+    lsa_num_cols,
     matcher_inputs,
 )
 from unit_fast import _backend
@@ -54,8 +59,13 @@ def _provider_cases(generic, cpu_only, cuda_only_providers):
     return cases
 
 
+# lapx's dense batch solvers (lapx 0.11): h = hybrid native-rectangular, r = native rectangular,
+# x / xa = the classic JV (square-padded), s / sa = the lapjvs variant; "a" solvers return pairs.
+LAPX_BATCH_SOLVERS = ("lapjvh_batch", "lapjvr_batch", "lapjvx_batch", "lapjvxa_batch", "lapjvs_batch",
+                      "lapjvsa_batch")
+
 SOLVER_CASES = _provider_cases(
-    ["scipy_loop", "lapx_lapjvx_batch", "lapx_lapjvr_batch"],
+    ["scipy_loop", *(f"lapx_{n}" for n in LAPX_BATCH_SOLVERS), "lapx_lapmod_batch"],
     [("unit_fast_cpp", _cpp_marks("cpu"))],
     [
         ("torch_linear_assignment", cuda_only(
@@ -110,23 +120,53 @@ def _pairs_totals(cost, pairs):
 @functools.cache
 def _scipy_totals(shape_name):
     """scipy's optimal totals of each input set of a shape: list of ``(B,)`` float64."""
-    return [_assignment_totals(c, hungarian_match_ref(c))[0] for c in lsa_costs(LSA_SHAPES[shape_name])]
+    shape = LSA_SHAPES[shape_name]
+    num_cols = lsa_num_cols(shape)
+    return [_assignment_totals(c, hungarian_match_ref(c, num_cols))[0] for c in lsa_costs(shape)]
 
 
-def _solver(provider):
-    """``provider``'s batched solve as a callable of the cost tensor."""
-    if provider == "scipy_loop":
-        return hungarian_match_ref  # cost.cpu() (a host sync on CUDA), then scipy per problem
+def _lapx_pairs(provider, out):
+    """lapx's batch output as per-problem ``(rows, cols)`` arrays."""
+    import numpy as np
+
+    if provider == "lapx_lapmod_batch":  # (x, y): x[i] is row i's column
+        return [(np.arange(len(x)), x) for x in out[0]]
+    if provider.endswith("a_batch"):  # lapjvxa / lapjvsa: one (K, 2) pairs array per problem
+        return [(p[:, 0], p[:, 1]) for p in out]
+    return list(zip(*out))  # (rows list, cols list)
+
+
+def _lapmod_problems(cost):
+    """The dense ``(B, n, n)`` costs as lapmod's CSR problems: ``(n, cc, ii, kk)`` each."""
+    import numpy as np
+
+    c = cost.detach().cpu().double().numpy()
+    n = c.shape[1]
+    ii, kk = np.arange(0, n * n + 1, n), np.tile(np.arange(n), n)
+    return [(n, c[b].ravel(), ii, kk) for b in range(c.shape[0])]
+
+
+def _solver(provider, shape=None, inputs=()):
+    """``provider``'s batched solve as a callable of the cost tensor (one of ``inputs``)."""
+    num_cols = None if shape is None else lsa_num_cols(shape)
+    if provider == "scipy_loop":  # cost.cpu() (a host sync on CUDA), then scipy per problem
+        return lambda cost: hungarian_match_ref(cost, num_cols)
     if provider.startswith("lapx_"):
         lap = pytest.importorskip("lap", reason="lapx is not installed (pip install lapx)")
         solve = getattr(lap, provider.removeprefix("lapx_"))
         threads = torch.get_num_threads()  # as many workers as unit_fast's CPU kernel gets
+        if provider == "lapx_lapmod_batch":
+            if shape is None or shape.Q != shape.T or shape.T_min is not None:
+                pytest.skip("lapmod solves square problems only")
+            csr = {id(c): _lapmod_problems(c) for c in inputs}  # prepared outside the timing
+            return lambda cost: solve(csr[id(cost)], return_cost=False, n_threads=threads)
         # .numpy() is zero-copy for a CPU tensor; on CUDA .cpu() is the copy DETR makes (host sync).
         return lambda cost: solve(cost.cpu().numpy(), extend_cost=True, return_cost=False, n_threads=threads)
     if provider == "torch_linear_assignment":
         tla = pytest.importorskip("torch_linear_assignment")
         return tla.batch_linear_assignment
-    return functools.partial(unit_fast.batched_linear_sum_assignment, backend="cpp")
+    nc = None if num_cols is None else num_cols.to(inputs[0].device if inputs else "cpu")
+    return lambda cost: unit_fast.batched_linear_sum_assignment(cost, nc, backend="cpp")
 
 
 @pytest.mark.parametrize("shape", list(LSA_SHAPES.values()), ids=list(LSA_SHAPES))
@@ -134,21 +174,27 @@ def _solver(provider):
 def test_hungarian_match(benchmark, provider, device, shape):
     _describe(benchmark, "hungarian_match", shape.name, provider, device, shape.as_dict(), LSA_DTYPE)
     inputs = lsa_costs(shape, device)
-    solve = _solver(provider)
+    solve = _solver(provider, shape, inputs)
     if provider == "torch_linear_assignment":
         from torch_linear_assignment import assignment
 
         if not assignment._cuda_uses_triton(inputs[0]):
             pytest.skip("torch_linear_assignment has no Triton path here and would time its scipy fallback")
     want = {id(x): t for x, t in zip(inputs, _scipy_totals(shape.name))}
-    expect_count = min(shape.Q, shape.T)
+    num_cols = lsa_num_cols(shape)
+    expect_count = torch.full((shape.B,), min(shape.Q, shape.T)) if num_cols is None else num_cols.clamp(max=shape.Q)
 
     def check(cost, out):
         if provider.startswith("lapx_"):
-            got, count = _pairs_totals(cost, list(zip(*out)))
+            pairs = _lapx_pairs(provider, out)
+            if num_cols is not None:  # drop the padding columns' matches
+                pairs = [(r[c < n], c[c < n]) for (r, c), n in zip(pairs, num_cols.tolist(), strict=True)]
+            got, count = _pairs_totals(cost, pairs)
         else:
+            if num_cols is not None:  # torch_linear_assignment solves the padded tensor too
+                out = torch.where(out.cpu() < num_cols[:, None], out.cpu(), -1)
             got, count = _assignment_totals(cost, out)
-        assert (count == expect_count).all(), f"{provider}: not {expect_count} assignments per problem"
+        assert (count == expect_count).all(), f"{provider}: not {expect_count.tolist()} assignments per problem"
         torch.testing.assert_close(got, want[id(cost)], **TOTAL_TOL,
                                    msg=lambda m: f"{provider} total vs scipy: {m}")
 

@@ -21,16 +21,24 @@ NUM_INPUT_SETS = 3
 
 @dataclass(frozen=True)
 class LSAShape:
-    """One batched linear-sum-assignment setting: ``B`` problems of ``Q`` rows by ``T`` columns."""
+    """One batched linear-sum-assignment setting: ``B`` problems of ``Q`` rows by ``T`` columns.
+
+    ``T_min`` set: a ragged batch, as DETR's images are: problem ``b`` has ``num_cols[b]``
+    columns drawn uniformly in ``[T_min, T]`` (``lsa_num_cols``), stored padded to ``T``.
+    """
 
     name: str
     B: int
     Q: int
     T: int
     where: str
+    T_min: int | None = None
 
     def as_dict(self):
-        return {"B": self.B, "Q": self.Q, "T": self.T}
+        d = {"B": self.B, "Q": self.Q, "T": self.T}
+        if self.T_min is not None:
+            d["T_min"] = self.T_min
+        return d
 
 
 LSA_SHAPES = {
@@ -41,6 +49,10 @@ LSA_SHAPES = {
         LSAShape("dino_900q_b16", 16, 900, 100, "DINO / Deformable-DETR two-stage: 900 queries"),
         LSAShape("square_300_b16", 16, 300, 300, "square problems: the worst case for row-rich solvers"),
         LSAShape("rtdetr_300q_b64", 64, 300, 100, "RT-DETR: 300 queries, up to 100 objects"),
+        LSAShape("dino_900q_b64", 64, 900, 100, "DINO two-stage at batch 64: 23 MB of costs, memory-bound"),
+        LSAShape("square_1000_b8", 8, 1000, 1000, "large square problems (tracking-style association)"),
+        LSAShape("detr_ragged_b64", 64, 100, 50, "DETR on COCO as batched: 100 queries, 0-50 objects per image",
+                 T_min=0),
     )
 }
 
@@ -49,12 +61,31 @@ LSA_SHAPES = {
 MATCHER_COSTS = {"cost_class": 1.0, "cost_bbox": 5.0, "cost_giou": 2.0}
 
 
+def lsa_num_cols(shape):
+    """``(B,)`` int64 active columns of each problem of a ragged shape (the same for every input
+    set), None for a uniform one."""
+    if shape.T_min is None:
+        return None
+    gen = torch.Generator().manual_seed(SEED + 1)
+    return torch.randint(shape.T_min, shape.T + 1, (shape.B,), generator=gen)
+
+
 def lsa_costs(shape, device="cpu", num_sets=NUM_INPUT_SETS, dtype=LSA_DTYPE):
-    """``num_sets`` cost tensors ``(B, Q, T)`` of ``dtype`` on ``device``, uniform in [0, 1)."""
+    """``num_sets`` cost tensors ``(B, Q, T)`` of ``dtype`` on ``device``, uniform in [0, 1).
+
+    In a ragged shape the padding columns (``>= lsa_num_cols(shape)[b]``) are 0: a constant
+    column changes no problem's optimal assignment of its real columns when Q >= T, so solvers
+    that take only uniform batches (lapx's) solve the padded tensor as it is.
+    """
     gen = torch.Generator().manual_seed(SEED)
-    return [
-        torch.rand(shape.B, shape.Q, shape.T, generator=gen, dtype=dtype).to(device) for _ in range(num_sets)
-    ]
+    num_cols = lsa_num_cols(shape)
+    sets = []
+    for _ in range(num_sets):
+        cost = torch.rand(shape.B, shape.Q, shape.T, generator=gen, dtype=dtype)  # [B, Q, T]
+        if num_cols is not None:
+            cost[torch.arange(shape.T)[None, None, :] >= num_cols[:, None, None].expand(-1, shape.Q, -1)] = 0
+        sets.append(cost.to(device))
+    return sets
 
 
 def matcher_inputs(setting, device="cpu"):

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "ops/hungarian_match.h"
+
 #ifdef WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -39,6 +41,8 @@ TORCH_LIBRARY(unit_fast, m) {
   m.def("pairwise_giou_cpp(Tensor boxes1, Tensor boxes2) -> Tensor");
   m.def("_pairwise_giou_cpp_backward(Tensor grad, Tensor boxes1, Tensor boxes2) -> (Tensor, Tensor)");
   m.def("_cuda_version() -> int", &_cuda_version);
+  // Which build of the CPU LSA kernel's float path runs here (ops/hungarian_match.h).
+  m.def("_lsa_cpu_isa() -> str", &ops::lsa_cpu_isa);
 }
 
 }  // namespace unit_fast

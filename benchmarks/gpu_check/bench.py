@@ -102,7 +102,7 @@ def bench_lsa(item, run):
             if b in item.skipped_baselines:
                 continue
             try:
-                providers[b] = H._solver(b)
+                providers[b] = H._solver(b, shape, inputs)
             except SKIPPED as e:
                 item.skipped_baselines[b] = str(e)
         if "torch_linear_assignment" in providers:

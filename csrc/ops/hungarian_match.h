@@ -12,9 +12,15 @@
 #include <ATen/ATen.h>
 
 #include <limits>
+#include <string>
 
 namespace unit_fast {
 namespace ops {
+
+// The instruction set the CPU kernel's fast float path runs ("avx2" or
+// "generic"): AVX2 where the CPU has AVX2 and FMA, unless the environment
+// variable UNIT_FAST_CPU_ISA=generic asks for the generic code (read once).
+std::string lsa_cpu_isa();
 
 // Shared argument checks; errors surface in Python as ValueError / TypeError.
 inline void check_hungarian_match_args(const at::Tensor& cost, const c10::optional<at::Tensor>& num_cols) {

@@ -45,8 +45,18 @@
 #define UF_HD inline
 #endif
 
+// Everything below lives in an inline namespace named after the instruction
+// set it is compiled for (UF_LSA_ISA, "generic" unless a translation unit
+// says otherwise): the CPU kernel compiles this header a second time for AVX2
+// (hungarian_match_avx2.cpp), and distinct mangled names keep the linker from
+// merging those inline functions with the generic ones.
+#ifndef UF_LSA_ISA
+#define UF_LSA_ISA generic
+#endif
+
 namespace unit_fast {
 namespace lsa {
+inline namespace UF_LSA_ISA {
 
 // Output codes written over a whole problem's row of the result.
 constexpr int64_t kUnassigned = -1;
@@ -106,12 +116,16 @@ struct DenseProblem {
   UF_HD double at(int i, int j) const { return static_cast<double>(cost[static_cast<int64_t>(i) * nc + j]); }
 };
 
-// Solver state.  Sizes: rows R = max nr, columns C = max nc of any problem
-// that will use this workspace.
-struct Workspace {
-  double* u;         // [R] row duals
-  double* v;         // [C] column duals
-  double* spc;       // [C] shortest path cost to each column in this search
+// Solver state, duals and path costs of type V.  Sizes: rows R = max nr,
+// columns C = max nc of any problem that will use this workspace.  V is double
+// everywhere except the CPU kernel's fast float path (lsa_simd.h), whose
+// vector loops need float lanes.
+template <typename V>
+struct WorkspaceT {
+  using value_t = V;
+  V* u;              // [R] row duals
+  V* v;              // [C] column duals
+  V* spc;            // [C] shortest path cost to each column in this search
   int32_t* col4row;  // [R] column assigned to each row, -1 if none
   int32_t* row4col;  // [C] row assigned to each column, -1 if none
   int32_t* path;     // [C] predecessor row of each column in the search tree
@@ -120,21 +134,24 @@ struct Workspace {
   uint8_t* SR;       // [R] row reached in this search
   uint8_t* SC;       // [C] column settled in this search
 };
+using Workspace = WorkspaceT<double>;
 
 UF_HD size_t align16(size_t n) { return (n + 15) & ~static_cast<size_t>(15); }
 
+template <typename V = double>
 UF_HD size_t workspace_bytes(int64_t R, int64_t C) {
-  return align16(sizeof(double) * (R + 2 * C)) + align16(sizeof(int32_t) * (R + 4 * C)) +
+  return align16(sizeof(V) * (R + 2 * C)) + align16(sizeof(int32_t) * (R + 4 * C)) +
          align16(R + C);
 }
 
-UF_HD Workspace carve_workspace(void* base, int64_t R, int64_t C) {
-  Workspace w;
+template <typename V = double>
+UF_HD WorkspaceT<V> carve_workspace(void* base, int64_t R, int64_t C) {
+  WorkspaceT<V> w;
   char* p = static_cast<char*>(base);
-  w.u = reinterpret_cast<double*>(p);
+  w.u = reinterpret_cast<V*>(p);
   w.v = w.u + R;
   w.spc = w.v + C;
-  p += align16(sizeof(double) * (R + 2 * C));
+  p += align16(sizeof(V) * (R + 2 * C));
   w.col4row = reinterpret_cast<int32_t*>(p);
   w.row4col = w.col4row + R;
   w.path = w.row4col + C;
@@ -153,7 +170,8 @@ struct Key {
 };
 
 // True when a is chosen over b (see the tie-breaking note above).
-UF_HD bool better(const Workspace& w, Key a, Key b) {
+template <typename W>
+UF_HD bool better(const W& w, Key a, Key b) {
   if (a.j < 0) return false;
   if (b.j < 0) return true;
   if (a.val != b.val) return a.val < b.val;
@@ -227,7 +245,8 @@ UF_HD bool has_invalid(const P& p, int start, int stride) {
   return bad != 0;
 }
 
-UF_HD void init(Workspace& w, int nr, int nc, int start, int stride) {
+template <typename W>
+UF_HD void init(W& w, int nr, int nc, int start, int stride) {
   for (int i = start; i < nr; i += stride) {
     w.u[i] = 0.0;
     w.col4row[i] = -1;
@@ -239,7 +258,8 @@ UF_HD void init(Workspace& w, int nr, int nc, int start, int stride) {
 }
 
 // Clears the search state before each new row, as scipy does.
-UF_HD void reset_search(Workspace& w, int nr, int nc, int start, int stride) {
+template <typename W>
+UF_HD void reset_search(W& w, int nr, int nc, int start, int stride) {
   for (int i = start; i < nr; i += stride) w.SR[i] = 0;
   for (int j = start; j < nc; j += stride) {
     w.SC[j] = 0;
@@ -254,8 +274,8 @@ UF_HD void reset_search(Workspace& w, int nr, int nc, int start, int stride) {
 
 // Column reduction, parallel part: v[j] = min_i c(i, j), path[j] = its first
 // argmin row (-1 for an all-forbidden column, whose v stays 0).
-template <typename P>
-UF_HD void column_min(const P& p, Workspace& w, int start, int stride) {
+template <typename P, typename W>
+UF_HD void column_min(const P& p, W& w, int start, int stride) {
   for (int j = start; j < p.nc; j += stride) {
     double best = INFINITY;
     int arg = -1;
@@ -273,7 +293,8 @@ UF_HD void column_min(const P& p, Workspace& w, int start, int stride) {
 
 // Column reduction, serial part (JV's order: last column first).  SR[i] counts
 // the columns whose minimum is row i, saturating at 2.
-UF_HD void column_assign(Workspace& w, int nc) {
+template <typename W>
+UF_HD void column_assign(W& w, int nc) {
   for (int j = nc - 1; j >= 0; --j) {
     const int i = w.path[j];
     if (i < 0) continue;
@@ -295,8 +316,8 @@ UF_HD void column_assign(Workspace& w, int nc) {
 
 // Reduction transfer for row i (assigned to j1 by exactly one column): its
 // cheapest other reduced column, as a TwoMin over j != j1 (v1 is used).
-template <typename P>
-UF_HD TwoMin transfer_min(const P& p, const Workspace& w, int i, int j1, int start, int stride) {
+template <typename P, typename W>
+UF_HD TwoMin transfer_min(const P& p, const W& w, int i, int j1, int start, int stride) {
   TwoMin t = two_min_empty();
   for (int j = start; j < p.nc; j += stride) {
     if (j != j1) two_min_scan(t, p.at(i, j) - w.v[j], j);
@@ -305,13 +326,14 @@ UF_HD TwoMin transfer_min(const P& p, const Workspace& w, int i, int j1, int sta
 }
 
 // Lowers v[j1] so row i's dual rises to its second-best reduced cost.
-UF_HD void transfer_apply(Workspace& w, int j1, const TwoMin& t) {
+template <typename W>
+UF_HD void transfer_apply(W& w, int j1, const TwoMin& t) {
   if (t.v1 < INFINITY) w.v[j1] -= t.v1;
 }
 
 // Augmenting row reduction, parallel part: row i's two cheapest reduced columns.
-template <typename P>
-UF_HD TwoMin row_two_min(const P& p, const Workspace& w, int i, int start, int stride) {
+template <typename P, typename W>
+UF_HD TwoMin row_two_min(const P& p, const W& w, int i, int start, int stride) {
   TwoMin t = two_min_empty();
   for (int j = start; j < p.nc; j += stride) two_min_scan(t, p.at(i, j) - w.v[j], j);
   return t;
@@ -321,7 +343,8 @@ UF_HD TwoMin row_two_min(const P& p, const Workspace& w, int i, int start, int s
 // displaced (>= 0), -1 for none, or -2 when the row is left for the search
 // (no finite column, or a transfer would need an infinite dual).  *again tells
 // JV's rule: a displaced row whose column became dearer is retried at once.
-UF_HD int arr_step(Workspace& w, int i, const TwoMin& t, bool* again) {
+template <typename W>
+UF_HD int arr_step(W& w, int i, const TwoMin& t, bool* again) {
   *again = false;
   if (!(t.v1 < INFINITY)) return -2;
   int j1 = t.j1;
@@ -345,8 +368,8 @@ UF_HD int arr_step(Workspace& w, int i, const TwoMin& t, bool* again) {
 
 // After the start: the dual of each assigned row is its reduced cost on its
 // column (0 for free rows; the search overwrites those).
-template <typename P>
-UF_HD void set_row_duals(const P& p, Workspace& w, int start, int stride) {
+template <typename P, typename W>
+UF_HD void set_row_duals(const P& p, W& w, int start, int stride) {
   for (int i = start; i < p.nr; i += stride) {
     const int j = w.col4row[i];
     w.u[i] = j >= 0 ? p.at(i, j) - w.v[j] : 0.0;
@@ -373,7 +396,8 @@ UF_HD ArrState arr_begin(int n_free, int budget) { return ArrState{0, 0, n_free,
 UF_HD int arr_budget(int nr) { return UF_ARR_BUDGET(nr); }
 
 // Next free row to reduce, or -1 when both passes are done.
-UF_HD int arr_next(Workspace& w, ArrState& s) {
+template <typename W>
+UF_HD int arr_next(W& w, ArrState& s) {
   while (s.k >= s.prev) {
     if (++s.pass >= 2 || s.n_free == 0) return -1;
     s.prev = s.n_free;
@@ -383,7 +407,8 @@ UF_HD int arr_next(Workspace& w, ArrState& s) {
   return w.rem[s.k++];
 }
 
-UF_HD void arr_done(Workspace& w, ArrState& s, int i, const TwoMin& t) {
+template <typename W>
+UF_HD void arr_done(W& w, ArrState& s, int i, const TwoMin& t) {
   bool again = false;
   const int i0 = arr_step(w, i, t, &again);
   if (i0 < 0) return;
@@ -396,7 +421,8 @@ UF_HD void arr_done(Workspace& w, ArrState& s, int i, const TwoMin& t) {
 }
 
 // Free rows after column reduction (or all rows), in row order, into rem[].
-UF_HD int collect_free_rows(Workspace& w, int nr) {
+template <typename W>
+UF_HD int collect_free_rows(W& w, int nr) {
   int n = 0;
   for (int i = 0; i < nr; ++i)
     if (w.col4row[i] < 0) w.rem[n++] = i;
@@ -405,8 +431,8 @@ UF_HD int collect_free_rows(Workspace& w, int nr) {
 
 // One Dijkstra relaxation from row i over the unsettled columns; returns this
 // thread's best column.  Expression order matches scipy's for bit-equality.
-template <typename P>
-UF_HD Key scan(const P& p, Workspace& w, int i, double min_val, int start, int stride) {
+template <typename P, typename W>
+UF_HD Key scan(const P& p, W& w, int i, double min_val, int start, int stride) {
   Key best{INFINITY, -1};
   const double ui = w.u[i];
   for (int j = start; j < p.nc; j += stride) {
@@ -429,8 +455,8 @@ UF_HD Key scan(const P& p, Workspace& w, int i, double min_val, int start, int s
 // The same relaxation over rem[0..n_rem) (scipy's loop): it visits only the
 // unsettled columns, half as many as scan() on average over a search, at the
 // price of a gather -- the better trade on a CPU.  Same result as scan().
-template <typename P>
-UF_HD Key scan_remaining(const P& p, Workspace& w, int i, double min_val, int n_rem) {
+template <typename P, typename W>
+UF_HD Key scan_remaining(const P& p, W& w, int i, double min_val, int n_rem) {
   Key best{INFINITY, -1};
   const double ui = w.u[i];
   for (int k = 0; k < n_rem; ++k) {
@@ -452,7 +478,8 @@ UF_HD Key scan_remaining(const P& p, Workspace& w, int i, double min_val, int n_
 
 // Settles column j, chosen by a search step: removes it from rem[] (n_rem is
 // the count after removal) and marks the row it leads to (next >= 0) reached.
-UF_HD void settle(Workspace& w, int j, int n_rem, int next) {
+template <typename W>
+UF_HD void settle(W& w, int j, int n_rem, int next) {
   w.SC[j] = 1;
   const int p = w.pos[j];
   const int last = w.rem[n_rem];
@@ -461,7 +488,8 @@ UF_HD void settle(Workspace& w, int j, int n_rem, int next) {
   if (next >= 0) w.SR[next] = 1;
 }
 
-UF_HD void update_duals(Workspace& w, int nr, int nc, int cur, double min_val, int start,
+template <typename W>
+UF_HD void update_duals(W& w, int nr, int nc, int cur, double min_val, int start,
                         int stride) {
   for (int i = start; i < nr; i += stride) {
     if (i == cur)
@@ -474,7 +502,8 @@ UF_HD void update_duals(Workspace& w, int nr, int nc, int cur, double min_val, i
   }
 }
 
-UF_HD void augment(Workspace& w, int cur, int sink) {
+template <typename W>
+UF_HD void augment(W& w, int cur, int sink) {
   int j = sink;
   while (true) {
     const int i = w.path[j];
@@ -488,7 +517,8 @@ UF_HD void augment(Workspace& w, int cur, int sink) {
 
 // out[0..N) for one problem: the column of each original row.  In a transposed
 // problem the working columns are the original rows.
-UF_HD void write_result(const Workspace& w, int status, bool transposed, int n_out, int64_t* out,
+template <typename W>
+UF_HD void write_result(const W& w, int status, bool transposed, int n_out, int64_t* out,
                         int start, int stride) {
   for (int k = start; k < n_out; k += stride) {
     if (status == kStatusInvalid)
@@ -516,8 +546,8 @@ UF_HD void write_result(const Workspace& w, int status, bool transposed, int n_o
 // CPU tests run the CUDA decomposition; CudaBlock is in
 // cuda/hungarian_match_kernel.cu.
 
-template <typename P, typename Block>
-UF_HD void jv_start(const P& p, Workspace& w, Block& blk, ArrState* st) {
+template <typename P, typename Block, typename W>
+UF_HD void jv_start(const P& p, W& w, Block& blk, ArrState* st) {
   const int nr = p.nr, nc = p.nc;
   blk.all([&](int s, int t) {
     for (int i = s; i < nr; i += t) w.SR[i] = 0;
@@ -550,8 +580,8 @@ UF_HD void jv_start(const P& p, Workspace& w, Block& blk, ArrState* st) {
 // Solves one working problem.  check_invalid: scan the costs for NaN / -inf
 // first (the CPU kernel checks while copying instead).  st: scratch for the JV
 // start that every thread can read (shared memory on CUDA).  Returns a status.
-template <typename P, typename Block>
-UF_HD int solve(const P& p, Workspace& w, bool use_jv_start, bool check_invalid, Block& blk, ArrState* st) {
+template <typename P, typename Block, typename W>
+UF_HD int solve(const P& p, W& w, bool use_jv_start, bool check_invalid, Block& blk, ArrState* st) {
   const int nr = p.nr, nc = p.nc;
   blk.all([&](int s, int t) { init(w, nr, nc, s, t); });
   if (nr == 0 || nc == 0) return kStatusOk;
@@ -600,8 +630,8 @@ struct SerialBlock {
   TwoMin two_min(F f) {
     return f(0, 1);
   }
-  template <typename P>
-  Key scan(const P& p, Workspace& w, int i, double min_val, int n_rem) {
+  template <typename P, typename W>
+  Key scan(const P& p, W& w, int i, double min_val, int n_rem) {
     return scan_remaining(p, w, i, min_val, n_rem);
   }
 };
@@ -632,8 +662,8 @@ struct SimBlock {
     for (int t = 0; t < T; ++t) m = two_min_merge(m, f(t, T));
     return m;
   }
-  template <typename P>
-  Key scan(const P& p, Workspace& w, int i, double min_val, int /*n_rem*/) {
+  template <typename P, typename W>
+  Key scan(const P& p, W& w, int i, double min_val, int /*n_rem*/) {
     Key best{INFINITY, -1};
     for (int t = 0; t < T; ++t) {
       const Key k = lsa::scan(p, w, i, min_val, t, T);
@@ -643,5 +673,6 @@ struct SimBlock {
   }
 };
 
+}  // inline namespace UF_LSA_ISA
 }  // namespace lsa
 }  // namespace unit_fast

@@ -1,13 +1,18 @@
 // CPU kernel of unit_fast::hungarian_match: the batch is spread over threads,
 // one problem at a time (see run_batch).  Each problem is first copied into a
-// contiguous double buffer (sign applied, transposed when N > num_cols) so the
-// column scans run over unit-stride doubles, as scipy's own copy does.
+// contiguous buffer (sign applied, transposed when N > num_cols) so the column
+// scans run over unit-stride memory, as scipy's own copy does.  Float, half and
+// bfloat16 inputs without scipy_ties then take the float path (float duals,
+// vector loops: lsa_float_path.h), built twice and chosen per CPU
+// (hungarian_match_avx2.cpp); double inputs and scipy_ties solve in double.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <condition_variable>
 #include <functional>
 #include <memory>
@@ -17,6 +22,9 @@
 
 #include "../hungarian_match.h"
 #include "../hungarian_match_core.h"
+#include "hungarian_match_avx2.h"
+#include "lsa_float_path.h"
+#include "lsa_transpose.h"
 
 namespace unit_fast {
 namespace ops {
@@ -74,6 +82,32 @@ void run_batch(int64_t B, int64_t work, const std::function<Scratch()>& make_scr
   state->cv.wait(lock, [&] { return state->finished == state->total; });
 }
 
+enum class Isa { kGeneric, kAvx2 };
+
+Isa detect_isa() {
+  const char* want = std::getenv("UNIT_FAST_CPU_ISA");
+  if (want && std::strcmp(want, "generic") == 0) return Isa::kGeneric;
+#if UF_LSA_HAVE_AVX2_TU
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kGeneric;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+// The fast float path on one working copy, in the build this CPU runs.
+void solve_float(const float* cost, int nr, int nc, bool transposed, int n_out, void* ws, int64_t R, int64_t C,
+                 int64_t* out) {
+#if UF_LSA_HAVE_AVX2_TU
+  if (cpu_isa() == Isa::kAvx2) return lsa_solve_float_avx2(cost, nr, nc, transposed, n_out, ws, R, C, out);
+#endif
+  lsa::solve_float(cost, nr, nc, transposed, n_out, ws, R, C, out);
+}
+
 // Storage of the CPU kernel's working copy: float for every input narrower
 // than double (exact), double for double.
 template <typename scalar_t>
@@ -89,12 +123,15 @@ void hungarian_match_forward_kernel_impl(const at::Tensor& cost, const int64_t* 
   const int64_t R = std::min(N, M), C = std::max(N, M);
 
   using T = copy_t<scalar_t>;
+  constexpr bool kFloatCopy = std::is_same<T, float>::value;
+  const bool float_path = kFloatCopy && !scipy_ties;
+  const size_t ws_bytes = float_path ? lsa::float_workspace_bytes(R, C) : lsa::workspace_bytes(R, C);
   struct Scratch {
     std::vector<T> buf;
     std::vector<double> ws_store;  // doubles: 8-byte alignment; its offsets are 16-aligned
   };
   const std::function<Scratch()> make_scratch = [&] {
-    return Scratch{{}, std::vector<double>(lsa::workspace_bytes(R, C) / sizeof(double) + 1)};
+    return Scratch{{}, std::vector<double>(ws_bytes / sizeof(double) + 2)};
   };
   const std::function<void(int64_t, Scratch&)> solve_one = [&](int64_t b, Scratch& scratch) {
     int64_t* o = out + b * N;
@@ -111,17 +148,7 @@ void hungarian_match_forward_kernel_impl(const at::Tensor& cost, const int64_t* 
     T* dst = scratch.buf.data();
     int bad = 0;  // validated while copying: the copy reads every cost anyway
     if (transposed) {
-      // Working row m is source column m: read down the column (the N source
-      // rows stay in L1 across consecutive m), write the working row in order.
-      for (int64_t m = 0; m < nc_b; ++m) {
-        T* drow = dst + m * nc;
-        const scalar_t* scol = src + m * sM;
-        for (int64_t n = 0; n < N; ++n) {
-          const T c = static_cast<T>(sign) * static_cast<T>(scol[n * sN]);
-          drow[n] = c;
-          bad |= lsa::invalid_cost(c);
-        }
-      }
+      bad = transpose_copy(src, sN, sM, N, nc_b, sign, dst, nc);
     } else {
       for (int64_t n = 0; n < N; ++n) {
         T* drow = dst + n * nc;
@@ -136,6 +163,12 @@ void hungarian_match_forward_kernel_impl(const at::Tensor& cost, const int64_t* 
     if (bad) {
       std::fill(o, o + N, lsa::kInvalid);
       return;
+    }
+    if constexpr (kFloatCopy) {
+      if (float_path) {
+        solve_float(dst, nr, nc, transposed, static_cast<int>(N), scratch.ws_store.data(), R, C, o);
+        return;
+      }
     }
     lsa::Workspace w = lsa::carve_workspace(scratch.ws_store.data(), R, C);
     const lsa::DenseProblem<T> p{dst, nr, nc};
@@ -206,6 +239,8 @@ at::Tensor hungarian_match_block_sim_kernel(const at::Tensor& cost, const c10::o
 }
 
 }  // namespace
+
+std::string lsa_cpu_isa() { return cpu_isa() == Isa::kAvx2 ? "avx2" : "generic"; }
 
 TORCH_LIBRARY_IMPL(unit_fast, CPU, m) {
   m.impl("hungarian_match", &hungarian_match_forward_kernel);
