@@ -133,7 +133,7 @@ def _lapx_pairs(provider, out):
         return [(np.arange(len(x)), x) for x in out[0]]
     if provider.endswith("a_batch"):  # lapjvxa / lapjvsa: one (K, 2) pairs array per problem
         return [(p[:, 0], p[:, 1]) for p in out]
-    return list(zip(*out))  # (rows list, cols list)
+    return list(zip(*out, strict=True))  # (rows list, cols list)
 
 
 def _lapmod_problems(cost):
@@ -180,9 +180,10 @@ def test_hungarian_match(benchmark, provider, device, shape):
 
         if not assignment._cuda_uses_triton(inputs[0]):
             pytest.skip("torch_linear_assignment has no Triton path here and would time its scipy fallback")
-    want = {id(x): t for x, t in zip(inputs, _scipy_totals(shape.name))}
+    want = {id(x): t for x, t in zip(inputs, _scipy_totals(shape.name), strict=True)}
     num_cols = lsa_num_cols(shape)
-    expect_count = torch.full((shape.B,), min(shape.Q, shape.T)) if num_cols is None else num_cols.clamp(max=shape.Q)
+    expect_count = (torch.full((shape.B,), min(shape.Q, shape.T)) if num_cols is None
+                    else num_cols.clamp(max=shape.Q))
 
     def check(cost, out):
         if provider.startswith("lapx_"):
@@ -194,7 +195,7 @@ def test_hungarian_match(benchmark, provider, device, shape):
             if num_cols is not None:  # torch_linear_assignment solves the padded tensor too
                 out = torch.where(out.cpu() < num_cols[:, None], out.cpu(), -1)
             got, count = _assignment_totals(cost, out)
-        assert (count == expect_count).all(), f"{provider}: not {expect_count.tolist()} assignments per problem"
+        assert (count == expect_count).all(), f"{provider}: not {expect_count.tolist()} matches per problem"
         torch.testing.assert_close(got, want[id(cost)], **TOTAL_TOL,
                                    msg=lambda m: f"{provider} total vs scipy: {m}")
 

@@ -83,7 +83,8 @@ def lsa_costs(shape, device="cpu", num_sets=NUM_INPUT_SETS, dtype=LSA_DTYPE):
     for _ in range(num_sets):
         cost = torch.rand(shape.B, shape.Q, shape.T, generator=gen, dtype=dtype)  # [B, Q, T]
         if num_cols is not None:
-            cost[torch.arange(shape.T)[None, None, :] >= num_cols[:, None, None].expand(-1, shape.Q, -1)] = 0
+            pad = torch.arange(shape.T)[None, None, :] >= num_cols[:, None, None]  # [B, 1, T]
+            cost[pad.expand(-1, shape.Q, -1)] = 0
         sets.append(cost.to(device))
     return sets
 

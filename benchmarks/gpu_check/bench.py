@@ -197,45 +197,50 @@ def bench_attention(item, run):
 
 
 def bench_unit_step(item, run):
-    """MMF's reference step (float32, one image per step) against the fast step (bf16 autocast)
-    at the largest batch of ``params["fast_batches"]`` that fits; samples/s side by side."""
+    """MMF's reference step (float32) against the fast step (bf16 autocast), twice: on the very
+    same batch of ``bench_unit_step.SAME_BATCH`` images (the per-step ratio), then MMF's one image
+    per step against the largest batch of ``params["fast_batches"]`` that fits (samples/s)."""
     from benchmarks import bench_unit_step as U
 
     for name in item.shapes:
         setting = S.UNIT_STEP_SETTINGS[name]
-        results = {}
-        for provider, batches in (("unit_fast", item.params["fast_batches"]), ("mmf_reference", (1,))):
-            model, params, optimizer = U._build(setting, provider, DEVICE)
-            step = U._step_fn(model, params, optimizer)
-            best = None
-            for bs in batches:
-                try:
-                    inputs = [S.unit_step_batch(setting, bs, DEVICE, seed=s) for s in range(2)]
-                    m = measure(step, inputs)
-                    best = (bs, m)
-                except torch.cuda.OutOfMemoryError:
-                    break
-                finally:
-                    optimizer.zero_grad(set_to_none=True)
-                    _free()
-            del model, params, optimizer
-            _free()
-            results[provider] = best
-        if results["unit_fast"] is None:
-            run.checks.append(Check(item.topic, f"bench:{name}", "fail", "bfloat16", setting.as_dict(),
-                                    "the fast step ran out of memory at every batch"))
-            continue
-        (bs, ours), ref = results["unit_fast"], results["mmf_reference"]
-        per_s = {"unit_fast": bs / ours["ms"] * 1e3}
-        if ref is not None:
-            per_s["mmf_reference"] = ref[0] / ref[1]["ms"] * 1e3
-        run.add_case(item.topic, case(
-            name, setting.as_dict(), "bfloat16", ours["ms"],
-            {"mmf_reference": None if ref is None else ref[1]["ms"]}, ours["host_syncs"], ours["peak_mem_mb"],
-            baselines_peak_mem_mb={} if ref is None else {"mmf_reference": ref[1]["peak_mem_mb"]},
-            samples_per_step={"unit_fast": bs, "mmf_reference": 1},
-            samples_per_s={k: round(v, 2) for k, v in per_s.items()},
-            baselines_dtype={"mmf_reference": "float32"}))
+        for mode, fast_batches, ref_batches in (("same", (U.SAME_BATCH,), (U.SAME_BATCH,)),
+                                                 ("max", item.params["fast_batches"], (1,))):
+            results = {}
+            for provider, batches in (("unit_fast", fast_batches), ("mmf_reference", ref_batches)):
+                model, params, optimizer = U._build(setting, provider, DEVICE)
+                step = U._step_fn(model, params, optimizer)
+                best = None
+                for bs in batches:
+                    try:
+                        inputs = [S.unit_step_batch(setting, bs, DEVICE, seed=s) for s in range(2)]
+                        m = measure(step, inputs)
+                        best = (bs, m)
+                    except torch.cuda.OutOfMemoryError:
+                        break
+                    finally:
+                        optimizer.zero_grad(set_to_none=True)
+                        _free()
+                del model, params, optimizer
+                _free()
+                results[provider] = best
+            case_name = f"{name}:{mode}"
+            if results["unit_fast"] is None:
+                run.checks.append(Check(item.topic, f"bench:{case_name}", "fail", "bfloat16",
+                                        setting.as_dict(), "the fast step ran out of memory at every batch"))
+                continue
+            (bs, ours), ref = results["unit_fast"], results["mmf_reference"]
+            per_s = {"unit_fast": bs / ours["ms"] * 1e3}
+            if ref is not None:
+                per_s["mmf_reference"] = ref[0] / ref[1]["ms"] * 1e3
+            run.add_case(item.topic, case(
+                case_name, setting.as_dict(), "bfloat16", ours["ms"],
+                {"mmf_reference": None if ref is None else ref[1]["ms"]}, ours["host_syncs"],
+                ours["peak_mem_mb"],
+                baselines_peak_mem_mb={} if ref is None else {"mmf_reference": ref[1]["peak_mem_mb"]},
+                samples_per_step={"unit_fast": bs, "mmf_reference": None if ref is None else ref[0]},
+                samples_per_s={k: round(v, 2) for k, v in per_s.items()},
+                baselines_dtype={"mmf_reference": "float32"}, batch_mode=mode))
 
 
 BENCHES = {"lsa": bench_lsa, "matcher": bench_matcher, "matching_cost": bench_matching_cost,

@@ -99,7 +99,8 @@ def test_isa_reported_and_generic_build_matches_scipy():
         "import test_hungarian_match_float_path as t;"
         "assert torch.ops.unit_fast._lsa_cpu_isa() == 'generic';"
         "[t.test_float_path_matches_scipy(s, f, i) for s in t.SHAPES for f in (0, 1) for i in (0, 1)];"
-        "t.test_float_path_ragged_and_strided(); t.test_float_path_flags_invalid_inputs_found_by_the_vector_copy();"
+        "t.test_float_path_ragged_and_strided();"
+        "t.test_float_path_flags_invalid_inputs_found_by_the_vector_copy();"
         "print('ok')"
     )
     env = dict(os.environ, UNIT_FAST_CPU_ISA="generic")

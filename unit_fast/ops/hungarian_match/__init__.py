@@ -106,7 +106,9 @@ def batched_linear_sum_assignment(cost, num_cols=None, maximize=False, *, checke
         ``(B, N)`` int64 tensor on ``cost.device``: ``out[b, n]`` is the column assigned to row
         ``n`` of problem ``b``, or ``-1`` when the row is left unassigned.  Each problem gets
         ``min(N, num_cols[b])`` assignments with the optimal total (equal to scipy's up to
-        rounding of the sums; ties may be broken differently).
+        rounding of the sums; ties may be broken differently).  On the CPU, float32, float16
+        and bfloat16 costs are solved with float32 duals (optimal up to float32 rounding,
+        as lapx's native-precision solvers); float64 costs solve in float64.
 
         Without ``checked``, errors are reported in the result, so CUDA never waits on the
         host: a problem whose active costs hold NaN or ``-inf`` (or a CUDA ``num_cols`` entry
