@@ -107,6 +107,13 @@ template <typename V>
 UNIT_FAST_INLINE V v_max_nan(V a, V b) {
   return ((a > b) | (a != a)) ? a : b;
 }
+// The share of d min(x, y) that autograd's minimum backward gives x: all when x is the smaller,
+// half on a tie, none when it is the larger; a NaN compares false both ways, so each side gets
+// all.  x's share of d max(x, y) is min_share(y, x).
+template <typename V>
+UNIT_FAST_INLINE V min_share(V x, V y) {
+  return x == y ? v_splat<V>(0.5) : (x > y ? V{} : v_splat<V>(1.0));
+}
 
 // exp(x) in float32, within 2 ulp of expf over the range it is used on ([-inf, 88]); below
 // -87.3 (where expf is denormal or 0) it returns 0; NaN gives NaN.  Cephes' expf: x = n ln2 + r,

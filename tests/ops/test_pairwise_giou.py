@@ -164,6 +164,23 @@ def test_touching_edges_gradient(device, backend):
         torch.testing.assert_close(g.cpu(), w)
 
 
+@pytest.mark.parametrize("device,backend", CASES)
+def test_tied_coordinates_gradient(device, backend):
+    """Boxes that share an edge coordinate with another (identical boxes, a common x0, x1, y0 or
+    y1): each min / max in the intersection and hull is a tie, whose gradient autograd splits
+    half and half."""
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.5, 0.25, 1.5, 3.0], [1.0, 1.0, 2.0, 2.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.5, 1.0, 3.0, 2.0], [0.25, 0.25, 2.0, 4.0],
+                      [1.0, 0.5, 1.75, 2.0]], dtype=torch.float64)
+    w = torch.linspace(0.5, 1.5, 12, dtype=torch.float64).view(3, 4)
+    x, y = a.clone().to(device).requires_grad_(), b.clone().to(device).requires_grad_()
+    rx, ry = a.clone().requires_grad_(), b.clone().requires_grad_()
+    got = torch.autograd.grad((pairwise_giou(x, y, backend=backend) * w.to(device)).sum(), (x, y))
+    want = torch.autograd.grad((pairwise_giou_ref(rx, ry) * w).sum(), (rx, ry))
+    for g, ref in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu(), ref)
+
+
 BAD = {
     "not_n_by_4": ((torch.rand(3, 3), torch.rand(2, 4)), ValueError),
     "one_dim": ((torch.rand(4), torch.rand(2, 4)), ValueError),

@@ -104,20 +104,6 @@ UNIT_FAST_INLINE void box_loss_fwd_body(const S* src, int64_t ss0, int64_t ss1, 
   partial[1] = sum_lg;
 }
 
-// Shares of d max(a, b) to a and b as autograd's maximum backward splits them: all to the
-// larger, half each on a tie; a NaN compares false both ways, so each side gets all.
-template <typename V>
-UNIT_FAST_INLINE void max_grad_weights(V a, V b, V& wa, V& wb) {
-  const V half = v_splat<V>(0.5), zero = V{}, one = v_splat<V>(1.0);
-  wa = a == b ? half : (a < b ? zero : one);
-  wb = a == b ? half : (a > b ? zero : one);
-}
-template <typename V>
-UNIT_FAST_INLINE void min_grad_weights(V a, V b, V& wa, V& wb) {
-  const V half = v_splat<V>(0.5), zero = V{}, one = v_splat<V>(1.0);
-  wa = a == b ? half : (a > b ? zero : one);
-  wb = a == b ? half : (a < b ? zero : one);
-}
 template <typename V>
 UNIT_FAST_INLINE V sign_or_zero(V d) {  // abs backward: sgn(d), 0 at 0 and for NaN
   return d > 0 ? v_splat<V>(1.0) : (d < 0 ? v_splat<V>(-1.0) : V{});
@@ -162,31 +148,27 @@ UNIT_FAST_INLINE void pair_backward(const V* s, const V* t, const V& g_bbox, con
   // corners: areas, then the intersection's and the hull's min / max
   V d_ax1 = d_area_a * ah, d_ax0 = -d_area_a * ah, d_ay1 = d_area_a * aw, d_ay0 = -d_area_a * aw;
   V d_bx1 = d_area_b * bh, d_bx0 = -d_area_b * bh, d_by1 = d_area_b * bw, d_by0 = -d_area_b * bw;
-  V wa, wb;
-  min_grad_weights(ax1, bx1, wa, wb);
-  d_ax1 += d_riw * wa;
-  d_bx1 += d_riw * wb;
-  max_grad_weights(ax0, bx0, wa, wb);
-  d_ax0 -= d_riw * wa;
-  d_bx0 -= d_riw * wb;
-  min_grad_weights(ay1, by1, wa, wb);
-  d_ay1 += d_rih * wa;
-  d_by1 += d_rih * wb;
-  max_grad_weights(ay0, by0, wa, wb);
-  d_ay0 -= d_rih * wa;
-  d_by0 -= d_rih * wb;
-  max_grad_weights(ax1, bx1, wa, wb);
-  d_ax1 += d_rcw * wa;
-  d_bx1 += d_rcw * wb;
-  min_grad_weights(ax0, bx0, wa, wb);
-  d_ax0 -= d_rcw * wa;
-  d_bx0 -= d_rcw * wb;
-  max_grad_weights(ay1, by1, wa, wb);
-  d_ay1 += d_rch * wa;
-  d_by1 += d_rch * wb;
-  min_grad_weights(ay0, by0, wa, wb);
-  d_ay0 -= d_rch * wa;
-  d_by0 -= d_rch * wb;
+  // a's share of each coordinate's min (the intersection's x1, y1 and the hull's x0, y0) and
+  // b's, which is a's share of the max (the intersection's x0, y0 and the hull's x1, y1).
+  const V ax1_s = min_share(ax1, bx1), bx1_s = min_share(bx1, ax1), ay1_s = min_share(ay1, by1),
+          by1_s = min_share(by1, ay1), ax0_s = min_share(ax0, bx0), bx0_s = min_share(bx0, ax0),
+          ay0_s = min_share(ay0, by0), by0_s = min_share(by0, ay0);
+  d_ax1 += d_riw * ax1_s;
+  d_bx1 += d_riw * bx1_s;
+  d_ax0 -= d_riw * bx0_s;
+  d_bx0 -= d_riw * ax0_s;
+  d_ay1 += d_rih * ay1_s;
+  d_by1 += d_rih * by1_s;
+  d_ay0 -= d_rih * by0_s;
+  d_by0 -= d_rih * ay0_s;
+  d_ax1 += d_rcw * bx1_s;
+  d_bx1 += d_rcw * ax1_s;
+  d_ax0 -= d_rcw * ax0_s;
+  d_bx0 -= d_rcw * bx0_s;
+  d_ay1 += d_rch * by1_s;
+  d_by1 += d_rch * ay1_s;
+  d_ay0 -= d_rch * ay0_s;
+  d_by0 -= d_rch * by0_s;
 
   // xyxy = (cx -/+ w / 2, cy -/+ h / 2), plus the L1 term's sgn(s - t)
   const V l1_cx = g_bbox * sign_or_zero(s[0] - t[0]), l1_cy = g_bbox * sign_or_zero(s[1] - t[1]);

@@ -125,7 +125,7 @@ void hungarian_match_forward_kernel_impl(const at::Tensor& cost, const int64_t* 
   using T = copy_t<scalar_t>;
   constexpr bool kFloatCopy = std::is_same<T, float>::value;
   const bool float_path = kFloatCopy && !scipy_ties;
-  const size_t ws_bytes = float_path ? lsa::float_workspace_bytes(R, C) : lsa::workspace_bytes(R, C);
+  const size_t ws_bytes = float_path ? lsa::workspace_bytes<float>(R, C) : lsa::workspace_bytes(R, C);
   struct Scratch {
     std::vector<T> buf;
     std::vector<double> ws_store;  // doubles: 8-byte alignment; its offsets are 16-aligned

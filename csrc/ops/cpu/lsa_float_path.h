@@ -14,12 +14,9 @@ namespace unit_fast {
 namespace lsa {
 inline namespace UF_LSA_ISA {
 
-// Bytes of workspace solve_float needs for problems of up to R rows, C columns.
-inline size_t float_workspace_bytes(int64_t R, int64_t C) { return workspace_bytes<float>(R, C); }
-
 // Solves the nr x nc working problem `cost` (row-major, nr <= nc, sign applied,
 // already checked for NaN / -inf) with the JV start, and writes out[0..n_out)
-// as write_result does.  ws: float_workspace_bytes(R, C) bytes, 16-aligned.
+// as write_result does.  ws: workspace_bytes<float>(R, C) bytes, 16-aligned.
 inline void solve_float(const float* cost, int nr, int nc, bool transposed, int n_out, void* ws, int64_t R,
                         int64_t C, int64_t* out) {
   FloatWorkspace w = carve_workspace<float>(ws, R, C);

@@ -67,10 +67,6 @@ UNIT_FAST_INLINE void giou_row_body(const S* a, const S* b, int64_t Mpad, S* o) 
 }
 
 template <typename V>
-UNIT_FAST_INLINE V less_weight(V x, V y) {  // d min(x, y) / dx as autograd gives it
-  return x < y ? v_splat<V>(1.0) : (x == y ? v_splat<V>(0.5) : V{});
-}
-template <typename V>
 UNIT_FAST_INLINE V positive(V x) {  // clamp(min=0)'s gradient mask, as a factor
   return x > 0 ? v_splat<V>(1.0) : V{};
 }
@@ -103,14 +99,14 @@ UNIT_FAST_INLINE void giou_bwd_row_body(const S* a, const S* b, const S* g, int6
     const V ciw = dG_inter * ih * positive(iw_pre), cih = dG_inter * iw * positive(ih_pre);
     const V chw = dG_hull * hh * positive(hw_pre), chh = dG_hull * hw * positive(hh_pre);
     // Padding columns have g = 0 and unit boxes: every term above is a finite 0.
-    s0 += -ciw * less_weight(B0, A0) - chw * less_weight(A0, B0) - dG_area * (A3 - A1);
-    s2 += ciw * less_weight(A2, B2) + chw * less_weight(B2, A2) + dG_area * (A3 - A1);
-    s1 += -cih * less_weight(B1, A1) - chh * less_weight(A1, B1) - dG_area * (A2 - A0);
-    s3 += cih * less_weight(A3, B3) + chh * less_weight(B3, A3) + dG_area * (A2 - A0);
-    const V db0 = -ciw * less_weight(A0, B0) - chw * less_weight(B0, A0) - dG_area * (B3 - B1);
-    const V db2 = ciw * less_weight(B2, A2) + chw * less_weight(A2, B2) + dG_area * (B3 - B1);
-    const V db1 = -cih * less_weight(A1, B1) - chh * less_weight(B1, A1) - dG_area * (B2 - B0);
-    const V db3 = cih * less_weight(B3, A3) + chh * less_weight(A3, B3) + dG_area * (B2 - B0);
+    s0 += -ciw * min_share(B0, A0) - chw * min_share(A0, B0) - dG_area * (A3 - A1);
+    s2 += ciw * min_share(A2, B2) + chw * min_share(B2, A2) + dG_area * (A3 - A1);
+    s1 += -cih * min_share(B1, A1) - chh * min_share(A1, B1) - dG_area * (A2 - A0);
+    s3 += cih * min_share(A3, B3) + chh * min_share(B3, A3) + dG_area * (A2 - A0);
+    const V db0 = -ciw * min_share(A0, B0) - chw * min_share(B0, A0) - dG_area * (B3 - B1);
+    const V db2 = ciw * min_share(B2, A2) + chw * min_share(A2, B2) + dG_area * (B3 - B1);
+    const V db1 = -cih * min_share(A1, B1) - chh * min_share(B1, A1) - dG_area * (B2 - B0);
+    const V db3 = cih * min_share(B3, A3) + chh * min_share(A3, B3) + dG_area * (B2 - B0);
     v_store_s(db + m, v_load<V>(db + m) + db0);
     v_store_s(db + Mpad + m, v_load<V>(db + Mpad + m) + db1);
     v_store_s(db + 2 * Mpad + m, v_load<V>(db + 2 * Mpad + m) + db2);
