@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import unit_fast
 from unit_fast import _backend, _ext
@@ -63,6 +64,8 @@ def test_env_report():
         assert word in res.stdout
     if not _ext.HAS_CUDA_EXT:
         assert "built without CUDA kernels" in res.stdout or "not loaded" in res.stdout
+    if _ext.HAS_EXT:  # the solver build it reports is the one the op says runs
+        assert f"CPU LSA build    {torch.ops.unit_fast._lsa_cpu_isa()}" in res.stdout
 
 
 def test_forced_unavailable_backend_raises(monkeypatch):

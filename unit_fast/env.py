@@ -27,6 +27,8 @@ def report() -> str:
     if _ext.HAS_EXT:
         cuda = f"CUDA kernels, CUDA runtime {_ext.EXT_CUDA_VERSION}" if _ext.HAS_CUDA_EXT else "CPU kernels only"
         lines.append(f"extension        unit_fast._C loaded ({cuda})")
+        # Which build of the CPU solver's float path runs (UNIT_FAST_CPU_ISA=generic forces it).
+        lines.append(f"CPU LSA build    {torch.ops.unit_fast._lsa_cpu_isa()}")
     else:
         lines.append(f"extension        not loaded: {_ext.EXT_ERROR}")
     lines.append("")
