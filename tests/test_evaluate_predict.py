@@ -22,7 +22,7 @@ from unit_fast.data.synthetic import CATEGORIES
 from unit_fast.models.postprocess import PostProcess
 from unit_fast.train import Trainer
 from unit_fast.training.evaluation_loop import evaluate_datasets
-from unit_fast.training.metadata import LABEL_NAMES, tokenizer_from_metadata
+from unit_fast.training.metadata import tokenizer_from_metadata
 from unit_fast.training.restore import read_checkpoint
 
 # tests/test_train.py's smoke recipe; 2 val images and batches of 16: every val set is one batch.
@@ -35,6 +35,9 @@ TINY_RUN = [
     "model.base_args.dim_feedforward=64", "model.bert.config.intermediate_size=64",
 ]
 DATASETS = ["detection_coco", "vqa2", "visual_entailment", "glue_sst2", "glue_qnli"]
+# Class names by label index, as the checkpoint metadata gives them.
+LABEL_NAMES = {"visual_entailment": ENTAILMENT_LABELS, "glue_sst2": ("negative", "positive"),
+               "glue_qnli": ("entailment", "not_entailment")}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,10 @@ def test_checkpoint_metadata_is_self_contained(run):
         assert entries[ds]["max_length"] == run.data.val[ds].max_length
     # Label names agree with the indices the readers assign where the files name the labels.
     qnli_map = GLUE_TASKS["qnli"][3]
-    assert LABEL_NAMES["glue_qnli"] == tuple(sorted(qnli_map, key=qnli_map.get))
+    assert entries["glue_qnli"]["labels"] == sorted(qnli_map, key=qnli_map.get)
+    assert entries["glue_sst2"]["labels"] == list(LABEL_NAMES["glue_sst2"])
+    assert {e["kind"] for e in entries.values()} == {"detection", "vqa", "image_text_classification",
+                                                     "text_classification"}
     # The rebuilt tokenizer encodes as the run's did.
     tok = tokenizer_from_metadata(meta)
     for text in ("How many circles are there?", "the red square is left of the BLUE circle ."):
@@ -224,7 +230,7 @@ def test_predict_task_not_in_the_model(run, no_vqa_ckpt, capsys):
     rec = run.data.val["vqa2"].records[0]
     args = ["--checkpoint", no_vqa_ckpt, "--image", rec.image_path]
     assert predict.main([*args, "--question", rec.question]) == 2
-    _assert_one_line_error(capsys, "asks for vqa2, which this model does not serve")
+    _assert_one_line_error(capsys, "asks for a vqa task, which this model does not serve")
     # The cut checkpoint is a working model otherwise.
     ve = run.data.val["visual_entailment"].records[0]
     got = _predict_json(capsys, no_vqa_ckpt, "--image", ve.image_path, "--hypothesis", ve.hypothesis)
@@ -255,7 +261,7 @@ def test_predict_cli_entry_point(run):
      "data.datasets.glue_sst2.train.tsv: '/nonexistent/train.tsv' does not exist"),
     (["--datasets", "glue_sst2", "data.root=/tmp",
       "data.datasets.glue_sst2={{train: {{tsv: /nonexistent/train.tsv}}, val: {{tsv: /nonexistent/d.tsv}}}}"],
-     "no tokenizer: set data.tokenizer"),
+     "no tokenizer for glue_sst2: set data.tokenizer"),
 ])
 def test_evaluate_bad_input(run, args, message, capsys):
     vocab = os.path.join(run.data.root, "vocab.txt")
@@ -271,7 +277,7 @@ def test_evaluate_bad_input(run, args, message, capsys):
     (["--image", "/nonexistent/a.jpg"], "--image '/nonexistent/a.jpg' does not exist"),
     (["--image", "{not_an_image}"], "--image: cannot identify image file"),
     (["--task", "glue_cola", "--text", "hi"], "--task 'glue_cola': this model serves detection_coco, vqa2"),
-    (["--text", "hi"], "several glue datasets (glue_sst2, glue_qnli): choose one with --task"),
+    (["--text", "hi"], "several text_classification datasets (glue_sst2, glue_qnli): choose one with --task"),
     (["--task", "glue_qnli", "--text", "hi"], "glue_qnli is a sentence-pair task: give --text-pair"),
     (["--task", "vqa2", "--question", "what?"], "vqa2: needs --image"),
     (["--question", "what?", "--text", "hi"], "give one of --question, --hypothesis, --text"),

@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 # The model side imports transformers (seconds): loaded on first use, not with the kernels.
 _LAZY = {
     "UniT": "unit_fast.models.unit",
+    "add_task": "unit_fast.models.add_task",
     "build_model": "unit_fast.models.unit",
     "load_mmf_checkpoint": "unit_fast.models.checkpoint",
     "save_mmf_checkpoint": "unit_fast.models.checkpoint",
@@ -42,6 +43,7 @@ __all__ = [
     "HungarianMatcher",
     "MultiheadAttention",
     "UniT",
+    "add_task",
     "attention",
     "batched_linear_sum_assignment",
     "box_loss",

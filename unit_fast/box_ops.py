@@ -12,14 +12,20 @@ Differences from the reference, all deliberate:
   (the matcher's per-image cost, ``unit_fast.ops.matching_cost``) are additions.
 - ``generalized_box_iou`` runs ``unit_fast.ops.pairwise_giou``: Triton on CUDA, the reference
   composition on CPU (``UNIT_FAST_BACKEND`` overrides).
+
+The conversions, ``box_area`` and ``box_iou`` are ``unit_fast.ops.boxes``, the one plain-torch copy
+of DETR's box math that every op reference also uses (``box_area`` is torchvision's, which DETR's
+module imports).
 """
 
 import torch
 
+from unit_fast.ops.boxes import box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
 from unit_fast.ops.matching_cost import matching_cost
 from unit_fast.ops.pairwise_giou import pairwise_giou
 
 __all__ = [
+    "box_area",
     "box_cxcywh_to_xyxy",
     "box_iou",
     "box_xyxy_to_cxcywh",
@@ -27,34 +33,6 @@ __all__ = [
     "generalized_box_iou_loss",
     "matching_cost",
 ]
-
-
-def box_cxcywh_to_xyxy(x):
-    """``(..., 4)`` cxcywh -> ``(..., 4)`` xyxy."""
-    x_c, y_c, w, h = x.unbind(-1)
-    return torch.stack([(x_c - 0.5 * w), (y_c - 0.5 * h), (x_c + 0.5 * w), (y_c + 0.5 * h)], dim=-1)
-
-
-def box_xyxy_to_cxcywh(x):
-    """``(..., 4)`` xyxy -> ``(..., 4)`` cxcywh."""
-    x0, y0, x1, y1 = x.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0), (y1 - y0)], dim=-1)
-
-
-def _box_area(boxes):
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-
-
-def box_iou(boxes1, boxes2):
-    """IoU of every pair: xyxy ``(N, 4)`` and ``(M, 4)`` -> ``(iou (N, M), union (N, M))``."""
-    area1 = _box_area(boxes1)
-    area2 = _box_area(boxes2)
-    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])  # [N, M, 2]
-    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])  # [N, M, 2]
-    wh = (rb - lt).clamp(min=0)  # [N, M, 2]
-    inter = wh[:, :, 0] * wh[:, :, 1]  # [N, M]
-    union = area1[:, None] + area2 - inter
-    return inter / union, union
 
 
 def _check_boxes(boxes, name):

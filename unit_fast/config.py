@@ -7,7 +7,8 @@
   4. ``overrides``: dotted ``key=value`` strings (``model.base_args.dec_layers=2``), the value read
      as YAML (``1e-4``, ``true``, ``[1, 2]``, ``null``).
 A key that the defaults do not have is an error naming the key, except below a mapping whose
-default is empty (``{}``): those are open maps (``num_queries``, ``bert.config``, ...).
+default is empty (``{}``): those are open maps (``num_queries``, ``bert.config``, ...), and
+below ``OPEN_SECTIONS`` (per-dataset heads, for any dataset name).
 """
 
 import copy
@@ -51,9 +52,16 @@ def _read(name_or_path):
     return data, here
 
 
+# Sections open although their default is not empty: a head and its [CLS] setting per dataset,
+# for any dataset name (the dataset's kind checks a head's keys: ``tasks/resolve.py``).
+OPEN_SECTIONS = frozenset({"model.heads.detection", "model.heads.vl", "model.heads.glue",
+                           "model.keep_only_bert_cls.vl", "model.keep_only_bert_cls.glue"})
+
+
 def _open_maps(defaults, path=""):
-    """Dotted paths of the open maps: the sections whose default is ``{}`` (any key allowed)."""
-    found = set()
+    """Dotted paths of the open maps: the sections whose default is ``{}`` (any key allowed),
+    and ``OPEN_SECTIONS``."""
+    found = set(OPEN_SECTIONS) if not path else set()
     for key, value in defaults.items():
         dotted = f"{path}.{key}" if path else str(key)
         if isinstance(value, dict):

@@ -60,8 +60,9 @@ def parse_args(argv):
 def select_datasets(cfg, names):
     """The model's datasets, or ``names`` (comma-separated) after checking each is one of them."""
     available = list(restore.model_datasets(cfg))
-    if names is None:
-        return available
+    if names is None:  # the declared datasets the model serves (data.datasets), else all of them
+        declared = [ds for ds in cfg["data"]["datasets"] or {} if ds in available]
+        return declared or available
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in chosen if n not in available]
     if unknown or not chosen:
@@ -104,8 +105,8 @@ def main(argv=None):
     except (ValueError, OSError) as exc:  # ImageDecodeError is a ValueError
         print(f"error: {restore.one_line(exc)}", file=sys.stderr)
         return 2
-    chance = chance_levels(data.root if cfg["data"]["root"] is None else None)
-    print(format_table(results, chance))
+    chance = chance_levels(None if cfg["data"]["datasets"] else data.root, data.kinds)
+    print(format_table(results, chance, kinds=data.kinds))
     step = "" if checkpoint.step is None else f" (step {checkpoint.step})"
     print(f"evaluated {checkpoint.path}{step} on {len(results)} dataset(s)")
     if args.output:

@@ -164,9 +164,11 @@ class Trainer:
         self.world = dist.get_world_size() if self.distributed else 1
         torch.manual_seed(t["seed"] + self.rank)
 
-        # 3. data
+        # 3. data: the served datasets (declared in data.datasets, or the synthetic default's)
+        from unit_fast.tasks import resolve_run_config
         from unit_fast.training.data import build_data, configure_model
 
+        resolve_run_config(cfg)  # idempotent: a resumed run's stored config is resolved already
         self.data = build_data(cfg, _datasets_of(cfg))
         configure_model(cfg, self.data)
 
@@ -182,13 +184,16 @@ class Trainer:
         self.model.set_implementation(cfg["model"]["implementation"])
         # A resumed run's weights come from its checkpoint; init_from only starts a new run.
         init_report = self._init_from(t["init_from"]) if t["init_from"] and resume is None else None
+        # training.freeze before DDP wraps the model: DDP only tracks parameters that need a gradient.
+        freeze_report = self._freeze(t["freeze"])
         # find_unused_parameters: a step trains one task's head and encoder, the rest get no gradient.
         self.ddp = (torch.nn.parallel.DistributedDataParallel(
             self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=True) if self.distributed else None)
         lr_backbone = cfg["model"]["base_args"]["lr_backbone"]
         self.optimizer = build_optimizer(self.model, t["lr"], lr_backbone, t["weight_decay"], t["eps"],
-                                         name=t["optimizer"])
+                                         name=t["optimizer"],
+                                         no_decay=freeze_report.no_decay if freeze_report is not None else ())
         self.scheduler = warmup_cosine(self.optimizer, t["warmup_steps"], t["max_updates"])
         sizes = {ds: len(d) for ds, d in self.data.train.items()}
         mode = t["sampling_mode"]
@@ -197,7 +202,9 @@ class Trainer:
         probabilities = task_probabilities(sizes, mode, t["sampling"], t["temperature"])
         self.sampler = TaskSampler(probabilities, seed=t["seed"])
         self.streams = {ds: BatchStream(d, ds, t["batch_size"], seed=t["seed"], rank=self.rank,
-                                        world_size=self.world) for ds, d in self.data.train.items()}
+                                        world_size=self.world,
+                                        aspect_ratio_bins=data_cfg["aspect_ratio_bins"])
+                        for ds, d in self.data.train.items()}
         collators = {ds: BatchCollator(ds, decoder=data_cfg["decoder"], on_error=data_cfg["on_error"])
                      for ds in self.data.train}
         self.loader = UpdateLoader(self.data.train, collators, self.sampler, self.streams,
@@ -224,7 +231,10 @@ class Trainer:
         if init_report is not None:
             self.log.write({"step": 0, "event": "init_from", "path": init_report.path,
                             "missing": init_report.missing, "unexpected": init_report.unexpected,
-                            "renamed": init_report.renamed, "dropped": init_report.dropped})
+                            "renamed": init_report.renamed, "dropped": init_report.dropped,
+                            "reinitialized": init_report.reinitialized})
+        if freeze_report is not None:
+            self.log.write({"step": self.step, "event": "freeze", **freeze_report.log_record()})
         reports = getattr(self.data, "read_reports", {})
         self.skipped_records = {ds: int(r.skipped) for ds, r in reports.items()}
         if any(self.skipped_records.values()):
@@ -233,16 +243,47 @@ class Trainer:
 
     def _init_from(self, path):
         """``training.init_from``: load an MMF UniT (or unit_fast) checkpoint's weights, non-strictly;
-        missing and unexpected keys are reported (printed, and logged once the log is open)."""
+        missing and unexpected keys are reported (printed, and logged once the log is open).  With
+        ``training.init_strict: false`` a head whose shapes differ (another class count) keeps its
+        fresh initialisation and is reported as ``reinitialized``; ``true``: any mismatch is an error."""
         from unit_fast.models.checkpoint import load_mmf_checkpoint
 
         if not os.path.isfile(os.path.expanduser(str(path))):
             raise UsageError(f"training.init_from: {path} does not exist")
+        strict_shapes = self.cfg["training"]["init_strict"]
+        if not isinstance(strict_shapes, bool):
+            raise UsageError(f"training.init_strict must be true or false, got {strict_shapes!r}")
         try:
             report = load_mmf_checkpoint(os.path.expanduser(str(path)), self.model, strict=False,
-                                         trust=self.trust)
+                                         trust=self.trust, reinit_mismatched_heads=not strict_shapes)
         except (RuntimeError, ValueError) as exc:  # shape mismatches, not a checkpoint, refused
-            raise UsageError(f"training.init_from: {_one_line(exc)}") from None
+            hint = ""
+            if strict_shapes and "shape mismatch" in str(exc):
+                hint = " (training.init_strict=false re-initialises the heads whose sizes differ)"
+            raise UsageError(f"training.init_from: {_one_line(exc)}{hint}") from None
+        if self.rank == 0:
+            print(report)
+        return report
+
+    def _trained_datasets(self):
+        """The datasets this run trains: those the sampler can draw (probability > 0)."""
+        t = self.cfg["training"]
+        sizes = {ds: len(d) for ds, d in self.data.train.items()}
+        mode = "proportional" if t["sampling_mode"] == "ratios" and not t["sampling"] else t["sampling_mode"]
+        probabilities = task_probabilities(sizes, mode, t["sampling"], t["temperature"])
+        return [ds for ds, p in probabilities.items() if p > 0]
+
+    def _freeze(self, entries):
+        """``training.freeze`` (``training/freeze.py``; ``shared`` keeps the datasets the sampler
+        can draw trainable): None when empty; the report is printed."""
+        from unit_fast.training.freeze import freeze
+
+        if entries is None or entries == []:
+            return None
+        try:
+            report = freeze(self.model, entries, self._trained_datasets())
+        except ValueError as exc:
+            raise UsageError(_one_line(exc)) from None
         if self.rank == 0:
             print(report)
         return report
@@ -485,18 +526,19 @@ def main(argv=None):
     results = trainer.final_evaluation()
     skipped = trainer.skipped_images_total()
     if trainer.rank == 0:
-        chance = chance_levels(trainer.data.root if cfg["data"]["root"] is None else None)
+        kinds = trainer.data.kinds
+        chance = chance_levels(None if cfg["data"]["datasets"] else trainer.data.root, kinds)
         targets = cfg["training"]["targets"]
         final = {"step": trainer.step, "skipped_steps": trainer.skipped_steps,
                  "skipped_images": skipped, "skipped_records": trainer.skipped_records, "metrics": results,
-                 "chance": chance, "targets": targets, "targets_met": targets_met(results, targets)}
+                 "chance": chance, "targets": targets, "targets_met": targets_met(results, targets, kinds)}
         atomic_write(os.path.join(out, "final_metrics.json"), json.dumps(final, indent=2, default=float),
                      binary=False)
         trainer.log.write({"step": trainer.step, "event": "final", "skipped_steps": trainer.skipped_steps,
                            "skipped_images": skipped, "skipped_records": trainer.skipped_records})
         trainer.log.close()
         plot_log(trainer.log.path, os.path.join(out, "plots"))
-        print(format_table(results, chance, targets))
+        print(format_table(results, chance, targets, kinds))
         print(f"trained {trainer.step} steps; checkpoints, log.jsonl, tensorboard/, plots/ and "
               f"final_metrics.json in {out}")
     if dist.is_initialized():

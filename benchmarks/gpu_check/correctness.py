@@ -381,7 +381,7 @@ def check_unit_step(item, run):
 
             def check(dname=dname):
                 model.set_implementation("fast")
-                model.cfg["autocast_dtype"] = None if dname == "float32" else dname
+                model.autocast = None if dname == "float32" else dname
                 try:
                     with torch.no_grad():
                         got = sum(model(sample)["losses"].values()).item()  # host sync: a check

@@ -132,3 +132,81 @@ def test_unreadable_header_is_raised_or_skipped_by_the_collator(synthetic, tmp_p
     assert "missing.jpg" in caplog.text
     with pytest.raises(ValueError, match="every image of this batch is unreadable.*missing.jpg"):
         BatchCollator(name, on_error="skip")([items[1]])
+
+
+def _file_sizes(ds):
+    from PIL import Image
+
+    sizes = []
+    for r in ds.records:
+        with Image.open(r.image_path) as im:
+            sizes.append(im.size)  # (width, height)
+    return sizes
+
+
+def test_detection_aspect_ratios_are_width_over_height_of_the_files(synthetic):
+    root, _ = synthetic
+    ds = _datasets(root)[2]["detection_coco"]
+    sizes = _file_sizes(ds)
+    assert {w < h for w, h in sizes} == {True, False}  # portrait and square / landscape images
+    assert ds.aspect_ratios() == pytest.approx([w / h for w, h in sizes])
+
+
+def test_training_stream_batches_portrait_images_apart(synthetic):
+    """The trainer's stream with the default bins [1.0] over the detection images: a batch is all
+    portrait or all square / landscape, judged by the files' own sizes (height / width ratios
+    put portrait with square)."""
+    from unit_fast.training.streams import BatchStream
+
+    root, _ = synthetic
+    ds = _datasets(root)[2]["detection_coco"]
+    portrait = [w < h for w, h in _file_sizes(ds)]
+    stream = BatchStream(ds, "detection_coco", 2, aspect_ratio_bins=[1.0])
+    batches = [stream.next_indices() for _ in range(20)]
+    assert all(len({portrait[i] for i in b}) == 1 for b in batches)
+    assert {portrait[b[0]] for b in batches} == {True, False}
+
+
+def test_items_carry_their_index_and_batches_the_indices_in_batch_order(synthetic):
+    from unit_fast.training.batches import to_device
+
+    root, _ = synthetic
+    for name, ds in _datasets(root)[2].items():
+        assert [ds[i]["index"] for i in range(4)] == [0, 1, 2, 3], name
+        batch = BatchCollator(name, decoder="pil")([ds[i] for i in (3, 0, 2)])
+        assert batch["indices"] == [3, 0, 2] and all(type(i) is int for i in batch["indices"]), name
+        assert to_device(batch, torch.device("cpu"))["indices"] == [3, 0, 2]  # a list of ints passes through
+
+
+@pytest.mark.parametrize("name", ["detection_coco", "vqa2"])
+def test_val_batch_skipping_an_unreadable_image_keeps_indices_aligned(synthetic, tmp_path, name):
+    """Under ``on_error="skip"`` a val batch loses the unreadable item (detection: a truncated JPEG
+    failing to decode; VQA: a missing file failing its header read) and ``indices`` names the
+    items whose rows remain: row ``k`` of the image, the tokens and the targets is item
+    ``indices[k]``, what the evaluator must match records by."""
+    import dataclasses
+
+    root, _ = synthetic
+    ds = _datasets(root)[2][name]
+    if name == "detection_coco":
+        ds = DetectionDataset(ds.records, name, train=False, sizes=SIZES)
+        bad = tmp_path / "broken.jpg"
+        bad.write_bytes(open(ds.records[1].image_path, "rb").read()[:200])
+    else:
+        bad = tmp_path / "missing.jpg"
+    ds.records[1] = dataclasses.replace(ds.records[1], image_path=str(bad))
+    collate = BatchCollator(name, decoder="pil", dataset_type="val", on_error="skip")
+    batch = collate([ds[i] for i in range(4)])
+    assert batch["skipped"] == 1 and batch["indices"] == [0, 2, 3]
+    for row, i in enumerate(batch["indices"]):
+        alone = BatchCollator(name, decoder="pil", dataset_type="val")([ds[i]])
+        image = alone["image"].tensors[0]  # (3, h, w)
+        h, w = image.shape[-2:]
+        assert torch.equal(batch["image"].tensors[row, :, :h, :w], image)
+        assert not batch["image"].mask[row, :h, :w].any()
+        if name == "detection_coco":
+            assert int(batch["targets"][row]["image_id"]) == ds.records[i].image_id
+            assert torch.equal(batch["targets"][row]["boxes"], alone["targets"][0]["boxes"])
+        else:
+            assert torch.equal(batch["input_ids"][row], alone["input_ids"][0])
+            assert torch.equal(batch["targets"][row], alone["targets"][0])

@@ -351,24 +351,6 @@ def test_collate_images_pads_and_masks():
     assert collate_images(images, size_divisibility=4).tensors.shape == (2, 3, 8, 8)
 
 
-@pytest.mark.parametrize("size_divisibility", [0, 32])
-@pytest.mark.parametrize("decoder", _backend_params())
-def test_load_padded_matches_collate(decoder, size_divisibility):
-    rng = random.Random(2)
-    datas = [rect_jpeg(), textured_jpeg(333, 251, seed=1), textured_jpeg()]
-    plans = [plan_detr_train(rng, H, W, **SMALL), plan_detr_test(333, 251, size=100, max_size=500),
-             plan_detr_train(rng, H, W, **SMALL)]
-    loader = ImageLoader(decoder)
-    got = loader.load_padded(datas, plans, size_divisibility=size_divisibility)  # DALI pads in its pipeline
-    want = collate_images(loader(datas, plans), size_divisibility)
-    assert got.tensors.shape == want.tensors.shape and got.tensors.dtype == torch.float32
-    assert torch.equal(got.tensors, want.tensors) and torch.equal(got.mask, want.mask)
-    for image, mask, plan in zip(got.tensors, got.mask, plans, strict=True):
-        h, w = plan.size
-        assert not mask[:h, :w].any() and mask.sum() == mask.numel() - h * w
-        assert image[:, h:].eq(0).all() and image[:, :, w:].eq(0).all()
-
-
 def _ratios(n=103, seed=0):
     rng = np.random.default_rng(seed)
     return rng.choice([0.5, 0.75, 1.0, 1.33, 1.5, 1.78], size=n)

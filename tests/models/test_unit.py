@@ -140,7 +140,7 @@ def test_outputs_and_loss_keys(dataset):
     sample = _samples()[dataset]
     out = model(sample)
     if dataset.startswith("detection"):
-        n_cls = {"detection_coco": 7, "detection_visual_genome": 5}[dataset]
+        n_cls = {"detection_coco": 7, "detection_visual_genome": 6}[dataset]
         Q = {"detection_coco": 6, "detection_visual_genome": 5}[dataset]
         assert out["pred_logits"].shape == (2, Q, n_cls + 1)
         assert out["pred_boxes"].shape == (2, Q, 4) and ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
@@ -170,7 +170,7 @@ def test_test_split_has_no_aux_outputs_or_losses_and_predicts_attributes():
     sample = dict(_samples()["detection_visual_genome"], dataset_type="test")
     out = model(sample)
     assert "aux_outputs" not in out and "losses" not in out
-    assert out["attr_logits"].shape == (2, 5, 9)
+    assert out["attr_logits"].shape == (2, 5, 12)  # tiny: attribute_class_num 12
 
 
 def test_unknown_dataset_is_a_clear_error():
@@ -302,3 +302,71 @@ def test_bert_path_equals_hf_bert_and_padding_does_not_leak():
     torch.testing.assert_close(ours[real], hf[real], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ours2[real], ours[real])
     assert pos.shape == (7, 32)
+
+
+class _NoLookups(dict):
+    """A config that fails every lookup: forward must not read the model's config."""
+
+    def __getitem__(self, key):
+        raise AssertionError(f"forward read model.cfg[{key!r}]")
+
+    get = __getitem__
+
+
+def test_forward_reads_no_config():
+    model = _model()
+    want = {ds: model(s) for ds, s in _samples().items()}
+    model.cfg = _NoLookups()
+    for ds, sample in _samples().items():
+        got = model(sample)
+        assert torch.equal(sum(got["losses"].values()), sum(want[ds]["losses"].values())), ds
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_every_parameter_is_shared_or_registered_to_one_dataset(share):
+    model = _model(overrides=[f"model.base_args.share_decoders={str(share).lower()}"])
+    per_ds = model.dataset_parameters()
+    assert set(per_ds) == {ds for qs in model.unit_base_model.num_queries.values() for ds in qs}
+    whole = {}
+    for ds, entries in per_ds.items():
+        for name, row in entries:
+            if row is None:
+                assert name not in whole, f"{name} registered to {whole.get(name)} and {ds}"
+                whole[name] = ds
+    names = {n for n, _ in model.named_parameters()}
+    # Heads, queries and (separate) decoders are per dataset; the task tokens are rows of MMF's tables.
+    for ds in per_ds:
+        assert any(n.startswith("unit_base_model.query_embeds.") and n.endswith(f".{ds}.weight") for n in whole)
+        assert any(ds in n and ("class_embeds" in n or "classifiers" in n) for n in whole if whole[n] == ds)
+    rows = {(n, r) for e in per_ds.values() for n, r in e if r is not None}
+    assert ("task_embeddings_lang.weight", model.heads["glue"]["glue_sst2"]["task_idx"]) in rows
+    assert {n for n, _ in rows} <= {"task_embeddings_lang.weight",
+                                    "unit_base_model.transformer.task_embeddings_enc.weight"}
+    decoder = {n for n in whole if ".decoders." in n}
+    assert bool(decoder) == (not share)  # a shared decoder belongs to no dataset
+    assert not any(n.startswith(("unit_base_model.backbone.", "bert_model.", "unit_base_model.transformer.encoder."))
+                   for n in whole)
+    assert set(whole) <= names
+
+
+def test_own_task_token_replaces_the_table_row():
+    model = _model()
+    sample = _samples()["glue_sst2"]
+    model.eval()
+    with torch.no_grad():
+        before = model(sample)["scores"]
+        model.heads["glue"]["glue_sst2"]["task_idx"] = 11  # another table row: other scores
+        other = model(sample)["scores"]
+    assert not torch.equal(before, other)
+    new = model.add_dataset("reviews", {"kind": "text_classification", "num_labels": 2, "task_token": "own"},
+                            num_queries=3)
+    assert "task_tokens_lang.reviews.weight" in new and "classifiers.glue.reviews.1.weight" in new
+    assert not any(n.startswith("task_embeddings_lang") for n in new)
+    with torch.no_grad():
+        model.task_tokens_lang["reviews"].weight.copy_(model.task_embeddings_lang.weight[11])
+        model.classifiers["glue"]["reviews"].load_state_dict(model.classifiers["glue"]["glue_sst2"].state_dict())
+        model.unit_base_model.query_embeds["glue"]["reviews"].weight.copy_(
+            model.unit_base_model.query_embeds["glue"]["glue_sst2"].weight)
+        got = model({**sample, "dataset_name": "reviews"})["scores"]
+    assert torch.equal(got, other)  # the own token is used exactly where the row was
+    assert {n for n, _ in model.dataset_parameters()["reviews"]} == set(new)

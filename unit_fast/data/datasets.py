@@ -77,11 +77,13 @@ class DetectionDataset(_Base):
                   "image_id": torch.tensor(r.image_id, dtype=torch.int64)}
         if r.attributes is not None:
             target["attributes"] = r.attributes
-        return {"image_path": r.image_path, "plan": self._plan(index, r.height, r.width), "target": target}
+        return {"index": index, "image_path": r.image_path, "plan": self._plan(index, r.height, r.width),
+                "target": target}
 
     def aspect_ratios(self):
-        """``height / width`` of every image (for ``AspectRatioBatchSampler``), from the annotations."""
-        return [r.height / r.width for r in self.records]
+        """``width / height`` of every image, from the annotations: what ``AspectRatioBatchSampler``
+        (and ``BatchStream``'s grouping) bins, as torchvision's ``compute_aspect_ratios``."""
+        return [r.width / r.height for r in self.records]
 
 
 class _TextBase(_Base):
@@ -99,7 +101,9 @@ class VQADataset(_TextBase):
     """VQAv2: the test resize (MMF applies no augmentation), question tokens (``max_length`` 25),
     soft answer scores ``(num_answers,)`` as targets: the record's, or computed per item from its
     raw answers and ``answer_vocab`` (records read with ``dense_scores=False``: 12.5 KB less per
-    question).  Image sizes are read from the file header (no full decode)."""
+    question).  Image sizes are read from the file header (no full decode), per item: the records
+    carry none, so there is no ``aspect_ratios()`` and training batches are not grouped by aspect
+    ratio (reading every header up front costs a pass over all images before the first step)."""
 
     def __init__(self, records, dataset_name, tokenizer, *, max_length=25, answer_vocab=None, **kw):
         super().__init__(records, dataset_name, tokenizer, max_length=max_length, **kw)
@@ -110,23 +114,25 @@ class VQADataset(_TextBase):
         scores = r.scores
         if scores is None:
             if self.vocab_index is None:
-                raise ValueError(f"{self.dataset_name}: record {r.question_id} has no scores and no answer_vocab was given")
+                raise ValueError(f"{self.dataset_name}: record {r.question_id} has no scores and no "
+                                 "answer_vocab was given")
             scores = soft_scores(r.answers, self.vocab_index)
-        item = {"image_path": r.image_path, **self._text(r.question),
+        item = {"index": index, "image_path": r.image_path, **self._text(r.question),
                 "target": torch.as_tensor(scores, dtype=torch.float32)}
         item.update(_test_plan_from_file(r.image_path, self.sizes))
         return item
 
 
 class EntailmentDataset(_TextBase):
-    """SNLI-VE: image premise, hypothesis tokens, label 0/1/2."""
+    """SNLI-VE: image premise, hypothesis tokens, label 0/1/2.  Like ``VQADataset``, image sizes come
+    from the file header per item, so there is no ``aspect_ratios()``: batches are not grouped."""
 
     def __init__(self, records, dataset_name, tokenizer, *, max_length=25, **kw):
         super().__init__(records, dataset_name, tokenizer, max_length=max_length, **kw)
 
     def __getitem__(self, index):
         r = self.records[index]
-        return {"image_path": r.image_path, **self._text(r.hypothesis),
+        return {"index": index, "image_path": r.image_path, **self._text(r.hypothesis),
                 "target": torch.tensor(r.label, dtype=torch.int64),
                 **_test_plan_from_file(r.image_path, self.sizes)}
 
@@ -139,7 +145,8 @@ class TextDataset(_TextBase):
 
     def __getitem__(self, index):
         r = self.records[index]
-        return {**self._text(r.text_a, r.text_b), "target": torch.tensor(r.label, dtype=torch.int64)}
+        return {"index": index, **self._text(r.text_a, r.text_b),
+                "target": torch.tensor(r.label, dtype=torch.int64)}
 
 
 def _test_plan_from_file(path, sizes):
@@ -170,6 +177,12 @@ class BatchCollator:
             drops it, logs a warning naming the file and reports ``batch["skipped"]`` (a count
             the trainer adds up per epoch); a batch with no readable image raises ValueError.
         dataset_type: ``"train"`` / ``"val"`` / ``"test"`` (loss-key prefix).
+
+    Items are dicts with ``"index"`` (their dataset index), the text keys, ``"target"`` and, for
+    image tasks, ``"image_path"`` and ``"plan"``.  The batch adds ``"indices"``: a list of ints, the
+    dataset indices of the items it kept, in batch order, so row ``i`` of ``image``, the text
+    tensors and ``targets`` is item ``indices[i]`` (every item of a text batch; under ``"skip"``
+    the unreadable images' items are gone): match records by it, never by the items handed in.
     """
 
     def __init__(self, dataset_name, *, decoder=None, device="cpu", on_error="raise", dataset_type="train"):
@@ -215,6 +228,7 @@ class BatchCollator:
             images, items, skipped = self._images(items)
             batch["skipped"] = skipped
             batch["image"] = collate_images(images) if images else None
+        batch["indices"] = [int(it["index"]) for it in items]  # after the skips: aligned with the rows
         if not items:
             return batch
         if "input_ids" in items[0]:

@@ -37,9 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from unit_fast.data.collate import collate_images
 from unit_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Plan, normalize_uint8
-from unit_fast.models.misc import NestedTensor
 
 DECODERS = ("dali", "torchvision", "pil")
 
@@ -251,7 +249,7 @@ def _dali_pipeline_fn():
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_conditionals=True)
-    def plan_pipeline(decoder_device, pad_align):
+    def plan_pipeline(decoder_device):
         data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
         anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)  # (x, y)
         shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)  # (w, h)
@@ -267,30 +265,24 @@ def _dali_pipeline_fn():
         if resize:
             img = fn.resize(img, resize_x=out_w, resize_y=out_h, interp_type=types.INTERP_LINEAR,
                             antialias=True)
-        img = fn.crop_mirror_normalize(
+        return fn.crop_mirror_normalize(
             img, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
             mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])  # (3, h, w)
-        if pad_align is None:
-            return img
-        # Zero-pad bottom/right to the batch's largest (h, w), rounded up to pad_align: the
-        # batch leaves DALI as one dense (B, 3, H, W) tensor, one copy instead of two.
-        return fn.pad(img, axes=(1, 2), fill_value=0.0, align=pad_align)
 
     return plan_pipeline
 
 
 class _DaliPipeline:
     """A DALI pipeline fed per call through ``external_source``: bytes, crop window, output size
-    and mirror flag per sample; outputs ``(3, h, w)`` float32 per sample, or with ``pad_align``
-    every sample zero-padded to the batch's ``(3, H, W)`` (H, W multiples of ``pad_align``).
+    and mirror flag per sample; outputs ``(3, h, w)`` float32 per sample.
 
     Runs synchronously (no prefetching) because every call brings its own batch and plans.
     """
 
-    def __init__(self, max_batch_size: int, num_threads: int, device_id: int | None, pad_align: int | None):
+    def __init__(self, max_batch_size: int, num_threads: int, device_id: int | None):
         self.max_batch_size = max_batch_size
         self.pipe = _dali_pipeline_fn()(
-            "cpu" if device_id is None else "mixed", pad_align, batch_size=max_batch_size,
+            "cpu" if device_id is None else "mixed", batch_size=max_batch_size,
             num_threads=num_threads, device_id=device_id, prefetch_queue_depth=1, exec_async=False,
             exec_pipelined=False)
         self.pipe.build()
@@ -348,7 +340,7 @@ class ImageLoader:
         if reason is not None:
             raise RuntimeError(f"image decoder {self.decoder!r} is unavailable on {self.device}: {reason}")
         self.num_threads = num_threads or len(os.sched_getaffinity(0))
-        self._dali: dict[int | None, _DaliPipeline] = {}  # by pad_align
+        self._dali: _DaliPipeline | None = None  # built on first use, rebuilt when too small
 
     def __call__(self, items: Sequence, plans: Sequence[Plan],
                  names: Sequence[str] | None = None) -> list[Tensor]:
@@ -370,26 +362,8 @@ class ImageLoader:
             return _pil_load(datas, plans, names, self.device)
         if self.decoder == "torchvision":
             return _torchvision_load(datas, plans, names, self.device)
-        out = self._dali_run(datas, plans, names, pad_align=None)
+        out = self._dali_run(datas, plans, names)
         return [_dali_to_torch(out[i], self.device) for i in range(len(out))]
-
-    def load_padded(self, items: Sequence, plans: Sequence[Plan], names: Sequence[str] | None = None,
-                    size_divisibility: int = 0) -> NestedTensor:
-        """Like ``__call__``, batched: a ``NestedTensor`` with ``tensors (B, 3, H, W)`` float32,
-        zero-padded bottom/right to the largest image (H, W rounded up to a multiple of
-        ``size_divisibility`` if > 0), and ``mask (B, H, W)`` bool, True on padding.
-
-        DALI pads inside its pipeline (one copy out); the others pad with ``collate_images``.
-        """
-        if self.decoder != "dali" or not items:
-            return collate_images(self(items, plans, names), size_divisibility)
-        datas, names = self._read(items, plans, names)
-        out = self._dali_run(datas, plans, names, pad_align=max(size_divisibility, 1))
-        tensors = _dali_to_torch(out.as_tensor(), self.device)  # (B, 3, H, W)
-        mask = torch.ones(tensors.shape[0], *tensors.shape[2:], dtype=torch.bool)  # (B, H, W)
-        for m, plan in zip(mask, plans, strict=True):
-            m[: plan.size[0], : plan.size[1]] = False
-        return NestedTensor(tensors, mask.to(self.device))
 
     def _read(self, items, plans, names):
         """Reads and checks every image before any decoder sees it: ``(datas, names)``."""
@@ -407,22 +381,22 @@ class ImageLoader:
             checked_names.append(name)
         return datas, checked_names
 
-    def _dali_pipeline(self, batch_size: int, pad_align: int | None) -> _DaliPipeline:
-        pipe = self._dali.get(pad_align)
+    def _dali_pipeline(self, batch_size: int) -> _DaliPipeline:
+        pipe = self._dali
         if pipe is None or pipe.max_batch_size < batch_size:
             device_id = None
             if self.device.type == "cuda":
                 device_id = torch.cuda.current_device() if self.device.index is None else self.device.index
-            pipe = _DaliPipeline(max(batch_size, 8), self.num_threads, device_id, pad_align)
-            self._dali[pad_align] = pipe
+            pipe = _DaliPipeline(max(batch_size, 8), self.num_threads, device_id)
+            self._dali = pipe
         return pipe
 
-    def _dali_run(self, datas, plans, names, pad_align):
+    def _dali_run(self, datas, plans, names):
         """DALI's output TensorList for the batch, or ImageDecodeError naming the culprit."""
         try:
-            return self._dali_pipeline(len(datas), pad_align).run(datas, plans)
+            return self._dali_pipeline(len(datas)).run(datas, plans)
         except RuntimeError as e:
-            self._dali.pop(pad_align, None)  # DALI: "Current pipeline object is no longer valid"
+            self._dali = None  # DALI: "Current pipeline object is no longer valid"
             error = e
         # DALI's message gives the failing sample's index only for some failures; otherwise run
         # the samples one at a time to find it (an error path: speed does not matter here).
@@ -431,9 +405,9 @@ class ImageLoader:
         if culprit is None and len(datas) > 1:
             for i in range(len(datas)):
                 try:
-                    self._dali_pipeline(1, pad_align).run(datas[i : i + 1], plans[i : i + 1])
+                    self._dali_pipeline(1).run(datas[i : i + 1], plans[i : i + 1])
                 except RuntimeError as single_error:
-                    self._dali.pop(pad_align, None)
+                    self._dali = None
                     culprit, error = i, single_error
                     break
         what = f"{names[culprit]}: DALI cannot decode it" if culprit is not None else \

@@ -6,11 +6,14 @@ sizes -> byte-identical files, whatever ``DIR`` is)::
 
     DIR/coco/annotations/instances_{train,val}2017.json   COCO detection JSON
     DIR/coco/{train,val}2017/{image_id:012d}.jpg          JPEG images of coloured shapes
+    DIR/visual_genome/annotations/instances_{train,val}.json   VG detection (COCO-style + attribute_ids)
+    DIR/visual_genome/images/{image_id}.jpg              its own JPEG scenes (half as many as COCO)
     DIR/vqa2/v2_OpenEnded_mscoco_{train,val}2014_questions.json
     DIR/vqa2/v2_mscoco_{train,val}2014_annotations.json    VQAv2, about the COCO images above
     DIR/snli_ve/snli_ve_{train,dev}.jsonl                  SNLI-VE pairs
     DIR/snli_ve/images/{image_id:012d}.jpg                 the same JPEG bytes as the COCO files
-    DIR/glue/SST-2/{train,dev}.tsv, DIR/glue/QNLI/{train,dev}.tsv
+    DIR/glue/SST-2/{train,dev}.tsv, DIR/glue/QNLI/{train,dev}.tsv, DIR/glue/QQP/{train,dev}.tsv
+    DIR/glue/MNLI/{train,dev_matched,dev_mismatched}.tsv
     DIR/vocab.txt                                          BERT WordPiece vocabulary (no [UNK] needed)
     DIR/README.md, DIR/summary.json                        tasks, counts, chance levels, settings
 
@@ -23,16 +26,30 @@ Readers are meant to read it as they read the real datasets; what they must be t
   an *empty* background rectangle: a correct reader drops it, and since nothing is drawn there it
   costs learning nothing; COCOeval treats it as an ignore region. Shapes never overlap (a gap of
   ``GAP`` px), so every box is exactly the extent of one shape.
+- **Visual Genome.** MMF's COCO-style VG detection JSON: contiguous ids ``1 square, 2 circle,
+  3 triangle, 4 diamond, 5 cross`` (``VG_CATEGORIES``; ``num_classes = 6``); each annotation has
+  ``attribute_ids``, 0 to 3 ids of ``VG_ATTRIBUTES`` (a colour, a fill, and "small"/"large" unless
+  medium-sized; ``[]`` for a tenth of the boxes), listed with their names in the file's top-level
+  ``attributes``. Ids start at 1 (MMF keeps 0 for "no attribute"): ``attribute_class_num = 12``.
+  No crowd boxes; every image has a shape. Read with ``read_coco_detection(...,
+  with_attributes=True)``.
 - **VQAv2.** ``image_id`` are the COCO ids; the images are the COCO-2017-named files: train questions
   against ``coco/train2017``, val questions against ``coco/val2017``, file ``{image_id:012d}.jpg``
   (not the 2014 ``COCO_train2014_...`` names). Answers are a closed set (``summary.json``:
   ``vqa2.answers``); the answer vocabulary is built from the training annotations.
 - **SNLI-VE.** ``Flikr30kID`` (sic, as the real files) is the file name in ``snli_ve/images``.
   Each caption has one hypothesis of each label, so labels are exactly balanced.
+- **MNLI.** GLUE's MNLI columns (parses included; train has ``label1``, dev files ``label1..5``);
+  dev files hold a few rows whose ``gold_label`` is ``-`` (no annotator majority), which readers
+  drop. ``dev_matched`` uses the train genres, ``dev_mismatched`` five others. Each premise has
+  one hypothesis of each label: labels exactly balanced once the ``-`` rows are dropped.
+- **QQP.** GLUE's QQP columns; 40 % duplicates; ``qid``s are shared across the two files.
 - **Text.** A lower-casing BERT WordPiece tokenizer of ``DIR/vocab.txt`` covers every text with
   whole-word tokens: ``BertTokenizerFast(vocab=...)`` (transformers 5, which silently ignores
   ``vocab_file=``), ``BertTokenizerFast(vocab_file=...)`` (4.x) or ``from_pretrained(DIR)``.
-  ``summary.json`` has the vocabulary size and the longest text per task.
+  ``summary.json`` has the vocabulary size and the longest text per task. The words that only
+  MNLI, QQP and VG bring come last (after the ``##`` pieces), so the older tasks' token ids are
+  those of the vocabulary written before those datasets existed.
 
 The generator needs numpy and Pillow only. Its scene model (which shapes, colours, positions) is
 private; tests recover everything from the written files.
@@ -41,6 +58,7 @@ private; tests recover everything from the written files.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -72,6 +90,32 @@ TEXT_PER_IMAGE = 4  # GLUE examples per image of the split (SST-2 and QNLI each)
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six")
 ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
+
+# Visual Genome detection (MMF's COCO-style JSON whose annotations carry ``attribute_ids``): scenes
+# of its own, drawn with shapes, colours, fills and sizes that the attributes name.
+VG_CATEGORIES = {1: "square", 2: "circle", 3: "triangle", 4: "diamond", 5: "cross"}  # contiguous, as VG's
+VG_NUM_CLASSES = max(VG_CATEGORIES) + 1  # 6: the VG head's num_classes (VG: 1601)
+VG_SHAPE_IDS = {name: cid for cid, name in VG_CATEGORIES.items()}
+VG_COLORS = {  # saturated like COLORS (max - min channel >= 140), two hues more
+    "red": (215, 45, 45),
+    "orange": (235, 135, 35),
+    "yellow": (225, 200, 45),
+    "green": (45, 165, 70),
+    "blue": (45, 85, 215),
+    "purple": (150, 60, 205),
+}
+VG_FILLS = ("solid", "striped", "hollow")  # striped: colour and white rows; hollow: an outline only
+VG_SIZES = ("small", "medium", "large")  # of the shape against the image; "medium" has no attribute
+# Attribute ids start at 1: MMF's VG attribute vocabulary keeps 0 for its background class
+# ("__no_attribute__"), which no box is labelled with; so attribute_class_num = max id + 1.
+VG_ATTRIBUTES = dict(enumerate((*VG_COLORS, *VG_FILLS, "small", "large"), start=1))
+VG_ATTRIBUTE_IDS = {name: aid for aid, name in VG_ATTRIBUTES.items()}
+VG_ATTRIBUTE_CLASS_NUM = max(VG_ATTRIBUTES) + 1  # 12: the attribute head's attribute_class_num (VG: 401)
+VG_IMAGE_SHARE = 2  # VG gets ceil(1/2) as many images as COCO: images are most of generate()'s time
+VG_MAX_SHAPES = 6  # per image, at least 1 (VG images always hold objects)
+VG_PLACE_TRIES = 20  # random placements tried per shape; failing them ends the scene (a full image)
+VG_NO_ATTRIBUTES = 0.1  # fraction of boxes annotated with no attribute at all, as many VG boxes are
+VG_WHITE = 245  # the stripes' white, brighter than any background (<= ~215 with tint and noise)
 
 
 def _dump_json(obj, path: Path) -> None:
@@ -253,6 +297,168 @@ def _coco_json(scenes, subset: str, ann_id: int) -> tuple[dict, int]:
         "images": images,
         "annotations": anns,
         "categories": categories,
+    }, ann_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Visual Genome scenes: their own shapes, fills, sizes and background; boxes carry attribute ids
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _VGShape:
+    shape: str
+    box: tuple  # tight (x0, y0, x1, y1) of the shape's region, x1/y1 exclusive
+    area: int  # pixel count of the shape's region (the outline's inside included, as its polygon)
+    polygon: list  # COCO polygon of the region, [x, y, x, y, ...]
+    attributes: list  # attribute ids (VG_ATTRIBUTES), in no particular order; [] = none annotated
+
+
+@functools.lru_cache(maxsize=4096)
+def _vg_region(shape: str, d: int, h: int, up: bool):
+    """``shape`` filled in its own ``(h, d)`` box: a read-only boolean (h, d) mask and its polygon
+    (box coords, a tuple). Cached: rasterising is most of a scene's cost, and sizes repeat."""
+    im = Image.new("L", (d, h), 0)
+    draw = ImageDraw.Draw(im)
+    x1, y1 = d - 1, h - 1
+    if shape == "circle":
+        draw.ellipse([0, 0, x1, y1], fill=255)
+        ang = np.arange(24) * (2 * math.pi / 24)
+        polygon = np.stack([d / 2 + d / 2 * np.cos(ang), h / 2 + h / 2 * np.sin(ang)], 1).ravel().tolist()
+    elif shape == "square":
+        draw.rectangle([0, 0, x1, y1], fill=255)
+        polygon = [0, 0, d, 0, d, h, 0, h]
+    elif shape == "triangle":
+        pts = [(0, y1), (x1, y1), (x1 / 2, 0)] if up else [(0, 0), (x1, 0), (x1 / 2, y1)]
+        draw.polygon(pts, fill=255)
+        polygon = [c + 0.5 for p in pts for c in p]
+    elif shape == "diamond":
+        pts = [(x1 / 2, 0), (x1, y1 / 2), (x1 / 2, y1), (0, y1 / 2)]
+        draw.polygon(pts, fill=255)
+        polygon = [c + 0.5 for p in pts for c in p]
+    else:  # cross: two bars of width t, wide enough that a hollow cross still has an inside
+        t = max(4, round(0.42 * min(d, h)))
+        a, b = (d - t) // 2, (h - t) // 2
+        draw.rectangle([a, 0, a + t - 1, y1], fill=255)
+        draw.rectangle([0, b, x1, b + t - 1], fill=255)
+        polygon = [a, 0, a + t, 0, a + t, b, d, b, d, b + t, a + t, b + t,
+                   a + t, h, a, h, a, b + t, 0, b + t, 0, b, a, b]  # fmt: skip
+    mask = np.asarray(im) > 0
+    mask.flags.writeable = False
+    return mask, tuple(polygon)
+
+
+def _erode(mask, t: int):
+    """``mask`` (bool 2-D) eroded ``t`` times by the 4-neighbourhood (outside counts as empty)."""
+    for _ in range(t):
+        p = np.pad(mask, 1)
+        mask = mask & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask
+
+
+def _make_vg_scene(rng, image_id: int, image_size: int) -> _Scene:
+    """One VG image: 1 to ``VG_MAX_SHAPES`` shapes, each of a random colour, fill and size class,
+    on a two-level near-grey background (a horizon; COCO scenes use a gradient). ``shapes`` holds
+    ``_VGShape``s; the file is named by ``_vg_file_name``, not ``_Scene.file_name`` (COCO's)."""
+    S = image_size
+    W, H = [(S, S), (S, round(0.75 * S)), (round(0.75 * S), S)][rng.choice(3, p=[0.4, 0.3, 0.3])]
+    yy = np.arange(H, dtype=np.float32)[:, None, None]  # (H, 1, 1)
+    # float32 throughout: the background is most of a scene's time.
+    levels = (rng.uniform(80, 165) + np.array([-1.0, 1.0]) * rng.uniform(10, 30)).astype(np.float32)
+    base = np.where(yy < rng.uniform(0.3, 0.7) * H, levels[0], levels[1])  # (H, 1, 1); above, below
+    base = base + rng.uniform(-8, 8, 3).astype(np.float32)  # (H, 1, 3): a slight tint
+    noise = rng.standard_normal((H, W, 3), dtype=np.float32)  # (H, W, 3)
+    img = base + np.float32(rng.uniform(1.5, 4)) * noise  # (H, W, 3)
+
+    # Size classes with gaps between them, so "small" / "large" are decidable from the box and
+    # the image size; the medium class carries no size attribute.
+    m = min(W, H)
+    lo, hi = max(10, round(0.16 * m)), max(16, round(0.40 * m))
+    span = hi - lo
+    sizes = {
+        "small": (lo, lo + span // 4),
+        "medium": (lo + 3 * span // 8, lo + 5 * span // 8),
+        "large": (lo + 3 * span // 4, hi),
+    }
+    occupied, shapes = [], []
+    for _ in range(int(rng.integers(1, VG_MAX_SHAPES + 1))):
+        shape = _pick(rng, tuple(VG_CATEGORIES.values()))
+        color, fill, size = _pick(rng, tuple(VG_COLORS)), _pick(rng, VG_FILLS), _pick(rng, VG_SIZES)
+        for _try in range(VG_PLACE_TRIES):
+            d = int(rng.integers(sizes[size][0], sizes[size][1] + 1))
+            h = d if shape != "triangle" else max(8, round(d * rng.uniform(0.8, 1.0)))
+            x0, y0 = int(rng.integers(2, W - d - 1)), int(rng.integers(2, H - h - 1))
+            if not any(_intersects((x0, y0, x0 + d, y0 + h), o, GAP) for o in occupied):
+                break
+        else:  # no room left: fewer shapes, still deterministic
+            break
+        region, polygon = _vg_region(shape, d, h, up=rng.random() < 0.5)
+        patch = img[y0 : y0 + h, x0 : x0 + d]  # (h, d, 3) view into img
+        k = max(2, round(min(d, h) / 6))  # stripe height / outline thickness, px
+        if fill == "striped":
+            white = region & ((np.arange(h) // k) % 2 == 1)[:, None]
+            patch[white] = VG_WHITE + rng.normal(0, 3, (int(white.sum()), 3))
+            colored = region & ~white
+        elif fill == "hollow":
+            colored = region & ~_erode(region, max(1, k - 1))
+        else:
+            colored = region
+        rgb = np.asarray(VG_COLORS[color], np.float64) + rng.uniform(-12, 12, 3)
+        patch[colored] = rgb[None, :] + rng.normal(0, 3, (int(colored.sum()), 3))
+        ys, xs = np.nonzero(region)
+        box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+        occupied.append(box)
+        names = [color, fill] + ([size] if size != "medium" else [])
+        attrs = [VG_ATTRIBUTE_IDS[a] for a in names]
+        attrs = [] if rng.random() < VG_NO_ATTRIBUTES else [attrs[i] for i in rng.permutation(len(attrs))]
+        polygon = [round(float(v) + (x0 if i % 2 == 0 else y0), 2) for i, v in enumerate(polygon)]
+        shapes.append(_VGShape(shape, box, int(region.sum()), polygon, attrs))
+
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).save(
+        buf, "JPEG", quality=JPEG_QUALITY, subsampling=0
+    )
+    return _Scene(image_id, W, H, shapes, None, buf.getvalue())
+
+
+def _vg_file_name(image_id: int) -> str:
+    return f"{image_id}.jpg"  # VG's own naming (VG_100K/2345678.jpg), unpadded
+
+
+def _vg_json(scenes, split: str, ann_id: int) -> tuple[dict, int]:
+    images, anns = [], []
+    for sc in scenes:
+        name = _vg_file_name(sc.image_id)
+        images.append({"id": sc.image_id, "file_name": name, "width": sc.width, "height": sc.height})
+        for s in sc.shapes:
+            x0, y0, x1, y1 = s.box
+            anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": sc.image_id,
+                    "category_id": VG_SHAPE_IDS[s.shape],
+                    "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                    "area": float(s.area),
+                    "iscrowd": 0,
+                    "segmentation": [s.polygon],
+                    "attribute_ids": s.attributes,
+                }
+            )
+            ann_id += 1
+    info = {
+        "description": f"unit_fast synthetic Visual Genome shapes {split}",
+        "version": "1.4",
+        "year": 2017,
+        "contributor": "unit_fast.data.synthetic",
+        "date_created": "2017/01/01",
+        "url": "",
+    }
+    return {
+        "info": info,
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": c, "name": n, "supercategory": "shape"} for c, n in VG_CATEGORIES.items()],
+        "attributes": [{"id": a, "name": n} for a, n in VG_ATTRIBUTES.items()],
     }, ann_id
 
 
@@ -828,6 +1034,479 @@ def _write_tsv(path: Path, header: tuple, rows: list) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# GLUE: MNLI (three-way entailment across genres) and QQP (paraphrase or near miss)
+# ----------------------------------------------------------------------------------------------
+# MNLI facts are (subject, relation, value) with one value per subject and relation, so another
+# value contradicts. A premise states 1-3 facts about distinct subjects; each premise gets one
+# hypothesis of each label, all drawn from the same distribution of (subject, relation, value,
+# negated?): neither sentence alone tells the label.
+
+_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_SMALL = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_YEARS = tuple(str(y) for y in range(1950, 2011, 5))
+_HUNDREDS = ("100", "200", "300", "400", "500", "600", "800")
+
+
+def _rel(pos: tuple, neg: str, values: tuple) -> tuple:
+    return pos, neg, values
+
+
+def _split(items: str) -> tuple:
+    """``"a, b c, d"`` -> ``("a", "b c", "d")``: word lists that ruff would put one item a line."""
+    return tuple(items.split(", "))
+
+
+# genre -> (spoken?, prefixes, subjects, relations (positive phrasings, negated phrasing, values)).
+# Matched genres (train, dev_matched) and mismatched ones (dev_mismatched only) share the value sets
+# and the sentence shapes, not the subjects or relations, as MNLI's genres share English.
+_GENRES = {
+    "fiction": (
+        False,
+        ("", "", "that winter,", "years later,", "in the story,"),
+        _split("the old sailor, the young widow, the captain, the stranger, the innkeeper, the blind poet"),
+        (
+            _rel(
+                ("lived in {v}", "had a home in {v}"),
+                "never lived in {v}",
+                ("the village", "the harbor town", "the old mill", "the forest", "the castle"),
+            ),
+            _rel(("arrived on {v}", "came on {v}"), "did not arrive on {v}", _DAYS),
+            _rel(("owned {v} horses", "kept {v} horses"), "did not own {v} horses", _SMALL),
+        ),
+    ),
+    "government": (
+        False,
+        ("", "under the new rule,", "according to the report,", "in its annual review,"),
+        _split(
+            "the agency, the state office, the committee, the new program, the department, the regional board"
+        ),
+        (
+            _rel(("was created in {v}", "was established in {v}"), "was not created in {v}", _YEARS),
+            _rel(("employs {v} workers", "has a staff of {v}"), "does not employ {v} workers", _HUNDREDS),
+            _rel(
+                ("reports to {v}", "answers to {v}"),
+                "does not report to {v}",
+                ("the governor", "the treasury", "the senate", "the mayor", "the courts"),
+            ),
+        ),
+    ),
+    "slate": (
+        False,
+        ("", "critics agree that", "as one reviewer put it,"),
+        ("the new album", "the novel", "the play", "the magazine", "the film", "the memoir"),
+        (
+            _rel(("was released in {v}", "came out in {v}"), "was not released in {v}", _YEARS),
+            _rel(
+                ("was made in {v}", "was produced in {v}"),
+                "was not made in {v}",
+                ("london", "new york", "chicago", "paris", "boston"),
+            ),
+            _rel(("costs {v} dollars", "sells for {v} dollars"), "does not cost {v} dollars", _SMALL),
+        ),
+    ),
+    "telephone": (
+        True,
+        ("well,", "uh,", "you know,", "yeah,", "i mean,"),
+        ("my brother", "our neighbor", "my wife", "my boss", "my uncle", "our daughter"),
+        (
+            _rel(
+                ("lives in {v}", "lives out in {v}"),
+                "does not live in {v}",
+                ("texas", "ohio", "dallas", "maine", "denver"),
+            ),
+            _rel(
+                ("drives a {v} truck", "has a {v} truck"),
+                "does not drive a {v} truck",
+                ("red", "blue", "white", "black", "green"),
+            ),
+            _rel(("has {v} dogs", "keeps {v} dogs"), "does not have {v} dogs", _SMALL),
+        ),
+    ),
+    "travel": (
+        False,
+        ("", "for visitors,", "in the old town,", "from the harbor,"),
+        ("the museum", "the old fort", "the ferry", "the market", "the cathedral", "the beach"),
+        (
+            _rel(
+                ("opens at {v}", "opens its doors at {v}"),
+                "does not open at {v}",
+                ("seven", "eight", "nine", "ten", "eleven", "noon"),
+            ),
+            _rel(
+                ("is {v} miles from the port", "lies {v} miles from the port"),
+                "is not {v} miles from the port",
+                _SMALL,
+            ),
+            _rel(
+                ("dates from the {v} century", "was built in the {v} century"),
+                "does not date from the {v} century",
+                ("twelfth", "fourteenth", "sixteenth", "eighteenth"),
+            ),
+        ),
+    ),
+    "letters": (
+        False,
+        ("dear friend,", "as a member,", "thanks to you,", ""),
+        ("your gift", "our school", "the library fund", "the new wing", "the scholarship", "our chapter"),
+        (
+            _rel(("raised {v} dollars", "brought in {v} dollars"), "did not raise {v} dollars", _HUNDREDS),
+            _rel(
+                ("opens in {v}", "will open in {v}"),
+                "does not open in {v}",
+                ("june", "july", "march", "april", "october"),
+            ),
+            _rel(
+                ("was founded by {v}", "was started by {v}"),
+                "was not founded by {v}",
+                ("a teacher", "two parents", "the mayor", "a nurse", "local farmers"),
+            ),
+        ),
+    ),
+    "oup": (
+        False,
+        ("", "in this volume,", "as noted above,", "historically,"),
+        ("the author", "the first chapter", "the study", "the survey", "the early edition", "the theory"),
+        (
+            _rel(("was published in {v}", "appeared in {v}"), "was not published in {v}", _YEARS),
+            _rel(("covers {v} cases", "deals with {v} cases"), "does not cover {v} cases", _HUNDREDS),
+            _rel(
+                ("was based in {v}", "was centered in {v}"),
+                "was not based in {v}",
+                ("oxford", "dublin", "glasgow", "leeds", "york"),
+            ),
+        ),
+    ),
+    "verbatim": (
+        False,
+        ("", "in english,", "strictly speaking,", "as every editor knows,"),
+        ("the word", "this phrase", "the term", "the old saying", "the spelling", "the slang word"),
+        (
+            _rel(
+                ("comes from {v}", "derives from {v}"),
+                "does not come from {v}",
+                ("latin", "french", "greek", "dutch", "german"),
+            ),
+            _rel(("has {v} letters", "is spelled with {v} letters"), "does not have {v} letters", _SMALL),
+            _rel(
+                ("first appeared in {v}", "was first recorded in {v}"), "did not first appear in {v}", _YEARS
+            ),
+        ),
+    ),
+    "facetoface": (
+        True,
+        ("so,", "okay,", "like,", "and um,"),
+        ("my roommate", "the professor", "our class", "the coach", "my cousin", "the team"),
+        (
+            _rel(("meets on {v}", "gets together on {v}"), "does not meet on {v}", _DAYS),
+            _rel(
+                ("moved to {v}", "moved out to {v}"),
+                "did not move to {v}",
+                ("chicago", "boston", "seattle", "miami", "denver"),
+            ),
+            _rel(("has {v} cars", "owns {v} cars"), "does not have {v} cars", _SMALL),
+        ),
+    ),
+    "nineeleven": (
+        False,
+        ("", "according to the commission,", "that morning,", "records show that"),
+        ("the first flight", "the second flight", "the rescue team", "the officer", "the pilot", "the crew"),
+        (
+            _rel(
+                ("left from {v}", "departed from {v}"),
+                "did not leave from {v}",
+                ("boston", "newark", "dulles", "denver"),
+            ),
+            _rel(
+                ("was called at {v}", "got the call at {v}"),
+                "was not called at {v}",
+                ("eight", "nine", "ten", "eleven"),
+            ),
+            _rel(("carried {v} people", "had {v} people on board"), "did not carry {v} people", _SMALL),
+        ),
+    ),
+}
+MNLI_MATCHED_GENRES = ("fiction", "government", "slate", "telephone", "travel")  # MNLI's own split
+MNLI_MISMATCHED_GENRES = ("letters", "oup", "verbatim", "facetoface", "nineeleven")
+MNLI_NO_GOLD_EVERY = 50  # dev files: one extra row without annotator consensus (gold "-") per 50
+_MNLI_TRAIN_HEADER = (  # then gold_label; dev files put label2..label5 before it
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+    "label1",
+)
+_MNLI_JOINTS = (" and ", ", while ", ", but ", ". ")
+
+
+def _clause_text(subject: str, rel: tuple, value: str, negated: bool, rng) -> str:
+    pos, neg, _ = rel
+    return f"{subject} {(neg if negated else _pick(rng, pos)).format(v=value)}"
+
+
+def _sentence(text: str, spoken: bool) -> str:
+    """Written genres: capitalised, with a full stop; spoken ones: a lower-case transcript."""
+    if spoken:
+        return text.replace(".", "").lower()
+    text = re.sub(r"\. (\w)", lambda mt: ". " + mt.group(1).upper(), text)
+    return f"{text[0].upper()}{text[1:]}."
+
+
+def _mnli_prompt(rng, genre: str, taken: set):
+    """A premise and its three hypotheses ``{label: hypothesis}`` for ``genre``."""
+    spoken, prefixes, subjects, rels = _GENRES[genre]
+    for _try in range(50):
+        n = int(rng.choice(3, p=[0.3, 0.5, 0.2])) + 1
+        facts = [
+            (subjects[i], int(rng.integers(len(rels))), None)
+            for i in rng.choice(len(subjects), n, replace=False)
+        ]
+        facts = [(s, r, _pick(rng, rels[r][2])) for s, r, _ in facts]
+        clauses = [_clause_text(s, rels[r], v, False, rng) for s, r, v in facts]
+        body = clauses[0]
+        for k, c in enumerate(clauses[1:]):  # three facts: "a, b and c"-like, the last joint drawn
+            body += (", " if k < n - 2 else _pick(rng, _MNLI_JOINTS)) + c
+        prefix = _pick(rng, prefixes)
+        premise = _sentence(f"{prefix} {body}" if prefix else body, spoken)
+        if premise not in taken:
+            break
+    taken.add(premise)
+
+    def other(values, v):
+        return _pick(rng, [x for x in values if x != v])
+
+    hyps = {}
+    s, r, v = facts[int(rng.integers(n))]  # entailment: a stated fact, or another value denied
+    neg = rng.random() < 0.25
+    hyps["entailment"] = _clause_text(s, rels[r], other(rels[r][2], v) if neg else v, neg, rng)
+    s, r, v = facts[int(rng.integers(n))]  # contradiction: another value, or the stated fact denied
+    neg = rng.random() < 0.25
+    hyps["contradiction"] = _clause_text(s, rels[r], v if neg else other(rels[r][2], v), neg, rng)
+    s, r, _ = facts[int(rng.integers(n))]  # neutral: a relation the premise leaves open for s
+    r2 = _pick(rng, [x for x in range(len(rels)) if x != r])
+    stated = [fv for _, fr, fv in facts if fr == r2]  # often a value the premise binds to another subject
+    value = _pick(rng, stated) if stated and rng.random() < 0.5 else _pick(rng, rels[r2][2])
+    hyps["neutral"] = _clause_text(s, rels[r2], value, rng.random() < 0.25, rng)
+    return premise, {k: _sentence(h, False) for k, h in hyps.items()}
+
+
+_PARSE_TOKEN = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")
+_DETERMINERS = frozenset(("the", "a", "an", "this", "our", "my", "your", "his", "her", "its"))
+
+
+def _parses(text: str) -> tuple[str, str]:
+    """MNLI's ``binary_parse`` and ``parse`` columns: a right-branching binary bracketing and a flat
+    Penn-style tree with coarse tags. Well-formed, not linguistic: readers do not use them."""
+    toks = _PARSE_TOKEN.findall(text)
+    binary = toks[-1]
+    for t in reversed(toks[:-1]):
+        binary = f"( {t} {binary} )"
+
+    def tag(t):
+        lo = t.lower()
+        if lo in _DETERMINERS:
+            return "DT"
+        if lo.isdigit() or lo in _SMALL:
+            return "CD"
+        if lo in ("not", "never"):
+            return "RB"
+        return t if t in ",." else "NN"
+
+    return binary, "(ROOT (S " + " ".join(f"({tag(t)} {t})" for t in toks) + "))"
+
+
+def _mnli_rows(rng, genres: tuple, n_prompts: int, taken: set, prompt_id: int, dev: bool):
+    """Rows of one MNLI file (header order of ``_MNLI_TRAIN_HEADER`` + dev's label2..5 +
+    gold_label), shuffled; dev files add ``n_prompts // MNLI_NO_GOLD_EVERY`` (at least one) rows
+    whose five annotators split 2-2-1 (gold ``-``). Returns (rows, next prompt id)."""
+    entries = []  # (promptID, author's label, genre, premise, hypothesis, votes, gold)
+    for k in range(n_prompts):
+        genre = genres[k % len(genres)]
+        premise, hyps = _mnli_prompt(rng, genre, taken)
+        for label in ENTAILMENT_LABELS:
+            votes = [label]
+            if dev:  # four validators; up to two disagree, so the author's label stays gold
+                wrong = set(rng.choice(4, int(rng.choice(3, p=[0.6, 0.3, 0.1])), replace=False).tolist())
+                others = [x for x in ENTAILMENT_LABELS if x != label]
+                votes += [_pick(rng, others) if j in wrong else label for j in range(4)]
+            entries.append((prompt_id, label, genre, premise, hyps[label], votes, label))
+        prompt_id += 1
+    if dev:
+        for k in range(max(1, len(entries) // MNLI_NO_GOLD_EVERY)):
+            genre = genres[k % len(genres)]
+            premise, hyps = _mnli_prompt(rng, genre, taken)
+            a, b, c = (ENTAILMENT_LABELS[i] for i in rng.permutation(3))
+            votes = [a] + [[a, b, b, c][i] for i in rng.permutation(4)]  # 2-2-1: no majority of 3
+            entries.append((prompt_id, a, genre, premise, hyps[a], votes, "-"))
+            prompt_id += 1
+    rows = []
+    for index, i in enumerate(rng.permutation(len(entries))):
+        pid, label, genre, premise, hyp, votes, gold = entries[i]
+        (b1, p1), (b2, p2) = _parses(premise), _parses(hyp)
+        rows.append((index, pid, f"{pid}{label[0]}", genre, b1, b2, p1, p2, premise, hyp, *votes, gold))
+    return rows, prompt_id
+
+
+# QQP: a question is a frame (what is asked) with a slot value and a qualifier shared by both sides.
+# Duplicates are two different phrasings of one frame, value and qualifier; non-duplicates are
+# near misses phrased just as differently: another value of the same frame, or the frame's sibling
+# (same value, a related question). Every pair uses two different templates, so neither word
+# overlap nor template identity decides; the frame and the value do.
+_QQP_SLOTS = {
+    "skill": (
+        _split(
+            "python, java, guitar, spanish, chess, piano, "
+            "swimming, drawing, german, cooking, photography, french"
+        ),
+        ("", " as a beginner", " on my own", " at home", " in my free time"),
+    ),
+    "city": (
+        _split("paris, tokyo, london, berlin, rome, dubai, sydney, toronto, madrid, seoul, boston, mumbai"),
+        ("", " as a student", " on a budget", " with a family", " alone"),
+    ),
+    "job": (
+        _split(
+            "doctor, pilot, lawyer, teacher, nurse, chef, "
+            "designer, plumber, banker, writer, dentist, police officer"
+        ),
+        ("", " in india", " in canada", " in the us", " in germany"),
+    ),
+    "device": (
+        _split(
+            "phone, laptop, tablet, printer, smart tv, "
+            "router, camera, desktop computer, smartwatch, gaming console"
+        ),
+        ("", " for work", " for school", " for gaming", " at home"),
+    ),
+}
+_QQP_FRAMES = {  # frame -> (slot, sibling frame, templates with {x} the value and {m} the qualifier)
+    "learn": (
+        "skill",
+        "learn_time",
+        (
+            "How do I learn {x}{m}?",
+            "What is the best way to learn {x}{m}?",
+            "How can I start learning {x}{m}?",
+            "What are some good ways to learn {x}{m}?",
+        ),
+    ),
+    "learn_time": (
+        "skill",
+        "learn",
+        (
+            "How long does it take to learn {x}{m}?",
+            "How much time do I need to learn {x}{m}?",
+            "How many months does it take to learn {x}{m}?",
+            "How fast can I learn {x}{m}?",
+        ),
+    ),
+    "visit": (
+        "city",
+        "living_cost",
+        (
+            "What is the best time to visit {x}{m}?",
+            "When should I visit {x}{m}?",
+            "Which month is best for a trip to {x}{m}?",
+            "What is the right season to go to {x}{m}?",
+        ),
+    ),
+    "living_cost": (
+        "city",
+        "visit",
+        (
+            "How much does it cost to live in {x}{m}?",
+            "What is the cost of living in {x}{m}?",
+            "Is it expensive to live in {x}{m}?",
+            "How much money do I need to live in {x}{m}?",
+        ),
+    ),
+    "become": (
+        "job",
+        "salary",
+        (
+            "How do I become a {x}{m}?",
+            "What does it take to become a {x}{m}?",
+            "What are the steps to become a {x}{m}?",
+            "How can I work as a {x}{m}?",
+        ),
+    ),
+    "salary": (
+        "job",
+        "become",
+        (
+            "How much does a {x} earn{m}?",
+            "What is the salary of a {x}{m}?",
+            "How much money does a {x} make{m}?",
+            "What do {x}s get paid{m}?",
+        ),
+    ),
+    "fix": (
+        "device",
+        "buy",
+        (
+            "How do I fix a slow {x}{m}?",
+            "Why is my {x} so slow{m}?",
+            "How can I make my {x} faster{m}?",
+            "What can I do about a slow {x}{m}?",
+        ),
+    ),
+    "buy": (
+        "device",
+        "fix",
+        (
+            "Which {x} should I buy{m}?",
+            "What is the best {x} to buy{m}?",
+            "Which {x} is worth buying{m}?",
+            "What {x} would you recommend{m}?",
+        ),
+    ),
+}
+QQP_DUPLICATE_SHARE = (0, 1, 0, 1, 0)  # labels cycled through: 40 % duplicates (QQP: 37 %)
+
+
+def _qqp_pair(rng, duplicate: int) -> tuple[str, str]:
+    frame = _pick(rng, tuple(_QQP_FRAMES))
+    slot, sibling, templates = _QQP_FRAMES[frame]
+    values, qualifiers = _QQP_SLOTS[slot]
+    x, m = _pick(rng, values), _pick(rng, qualifiers)
+    i, j = rng.choice(len(templates), 2, replace=False)
+    first = templates[i].format(x=x, m=m)
+    if duplicate:
+        second = templates[j].format(x=x, m=m)
+    elif rng.random() < 0.5:  # near miss: another value
+        second = templates[j].format(x=_pick(rng, [v for v in values if v != x]), m=m)
+    else:  # near miss: the sibling question about the same value
+        second = _pick(rng, _QQP_FRAMES[sibling][2]).format(x=x, m=m)
+    return (first, second) if rng.random() < 0.5 else (second, first)
+
+
+def _qqp_rows(rng, n: int, taken: set, qids: dict, row_id: int):
+    """``n`` rows ``(id, qid1, qid2, question1, question2, is_duplicate)``, shuffled, no pair (in
+    either order) in ``taken``; ``qids`` (question -> id) is shared by the splits, as in QQP."""
+    pairs = []
+    for k in range(n):
+        label = QQP_DUPLICATE_SHARE[k % len(QQP_DUPLICATE_SHARE)]
+        for _try in range(100):
+            q1, q2 = _qqp_pair(rng, label)
+            if (q1, q2) not in taken:
+                break
+        taken.update(((q1, q2), (q2, q1)))
+        pairs.append((q1, q2, label))
+    rows = []
+    for i in rng.permutation(n):
+        q1, q2, label = pairs[i]
+        ids = [qids.setdefault(q, len(qids) + 1) for q in (q1, q2)]
+        rows.append((row_id, *ids, q1, q2, label))
+        row_id += 1
+    return rows, row_id
+
+
+# ----------------------------------------------------------------------------------------------
 # Vocabulary
 # ----------------------------------------------------------------------------------------------
 
@@ -889,6 +1568,13 @@ def generate(out_dir, seed: int = 0, num_train: int = 600, num_val: int = 150, i
                 "ve_val",
                 "sst2",
                 "qnli",
+                # Appended (never inserted): each stream is seeded by its position, so the files of
+                # the datasets above keep their bytes.
+                "vg_ids",
+                "vg_train",
+                "vg_val",
+                "mnli",
+                "qqp",
             )
         )
     }
@@ -914,11 +1600,21 @@ def generate(out_dir, seed: int = 0, num_train: int = 600, num_val: int = 150, i
             "snli_ve/images",
             "glue/SST-2",
             "glue/QNLI",
+            "glue/MNLI",
+            "glue/QQP",
+            "visual_genome/annotations",
+            "visual_genome/images",
         )
     }
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    files: dict = {"coco": {}, "vqa2": {}, "snli_ve": {}, "glue": {"sst2": {}, "qnli": {}}}
+    files: dict = {
+        "coco": {},
+        "visual_genome": {},
+        "vqa2": {},
+        "snli_ve": {},
+        "glue": {"sst2": {}, "qnli": {}, "mnli": {}, "qqp": {}},
+    }
     summary: dict = {"seed": seed, "image_size": image_size, "images": {"train": num_train, "val": num_val}}
 
     # Detection (COCO 2017 layout).
@@ -939,6 +1635,9 @@ def generate(out_dir, seed: int = 0, num_train: int = 600, num_val: int = 150, i
         det[f"{split}_empty_images"] = sum(not sc.shapes for sc in scenes)
     det["chance"] = {"AP": 0.0, "AP50": 0.0}
     summary["detection_coco"] = det
+
+    # Visual Genome detection with attributes (MMF's COCO-style layout): scenes of its own.
+    summary["detection_visual_genome"] = _write_vg(root, dirs, files, streams, num_train, num_val, image_size)
 
     # VQAv2 (about the same images; COCO-2017 file naming).
     vqa = {}
@@ -1026,6 +1725,8 @@ def generate(out_dir, seed: int = 0, num_train: int = 600, num_val: int = 150, i
         "examples": {s: len(r) for s, r in qnli.items()},
         "chance": {"majority_accuracy": majority(qnli["dev"], 2)},
     }
+    mnli, summary["glue_mnli"] = _write_mnli(dirs["glue/MNLI"], files, streams["mnli"], n_text)
+    qqp, summary["glue_qqp"] = _write_qqp(dirs["glue/QQP"], files, streams["qqp"], n_text)
 
     # Vocabulary over every text written (and the answers and category names).
     texts = {
@@ -1036,11 +1737,19 @@ def generate(out_dir, seed: int = 0, num_train: int = 600, num_val: int = 150, i
     }
     extra = [r["sentence1"] for rows in ve_rows.values() for r in rows] + answers + list(SHAPES)
     vocab = _vocab([t for ts in texts.values() for t in ts] + extra)
+    # The later datasets' words go after it, so the earlier tasks' token ids never move.
+    texts["glue_mnli"] = [f"{r[8]} {r[9]}" for rows in mnli.values() for r in rows]
+    texts["glue_qqp"] = [f"{r[3]} {r[4]}" for rows in qqp.values() for r in rows]
+    later = (
+        texts["glue_mnli"] + texts["glue_qqp"] + list(VG_CATEGORIES.values()) + list(VG_ATTRIBUTES.values())
+    )
+    known = set(vocab)
+    vocab += sorted({w for t in later for w in _words(t)} - known)
     vocab_path = root / "vocab.txt"
     vocab_path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
     files["vocab"] = str(vocab_path)
     summary["vocab_size"] = len(vocab)
-    # Word pieces, without [CLS]/[SEP]; QNLI counts question + sentence. MMF caps VQA/VE at 25.
+    # Word pieces, without [CLS]/[SEP]; pair tasks count both texts. MMF caps VQA/VE at 25.
     summary["max_tokens"] = {k: max(len(_words(t)) for t in ts) for k, ts in texts.items()}
 
     summary_path = root / "summary.json"
@@ -1049,6 +1758,114 @@ def generate(out_dir, seed: int = 0, num_train: int = 600, num_val: int = 150, i
     readme_path.write_text(_readme(summary), encoding="utf-8")
     files["summary"], files["readme"] = str(summary_path), str(readme_path)
     return {"root": str(root), "files": files, "summary": summary}
+
+
+def _write_vg(
+    root: Path, dirs: dict, files: dict, streams: dict, num_train: int, num_val: int, image_size: int
+) -> dict:
+    """Write ``visual_genome/`` (images and both annotation files); return its summary entry."""
+    num_train, num_val = (-(-k // VG_IMAGE_SHARE) for k in (num_train, num_val))  # ceil: at least 1
+    n = {"train": num_train, "val": num_val}
+    ids = streams["vg_ids"].choice(
+        np.arange(1, 2_400_000), num_train + num_val, replace=False
+    )  # VG's id range
+    split_ids = {"train": sorted(ids[:num_train].tolist()), "val": sorted(ids[num_train:].tolist())}
+    img_dir = dirs["visual_genome/images"]
+    scenes = {s: [_make_vg_scene(streams[f"vg_{s}"], i, image_size) for i in split_ids[s]] for s in n}
+    _remove_stale_images(img_dir, {_vg_file_name(sc.image_id) for ss in scenes.values() for sc in ss})
+    out = {
+        "num_classes": VG_NUM_CLASSES,
+        "categories": {str(k): v for k, v in VG_CATEGORIES.items()},
+        "attribute_class_num": VG_ATTRIBUTE_CLASS_NUM,
+        "attributes": {str(k): v for k, v in VG_ATTRIBUTES.items()},
+        "images": n,
+        "image_dir": "visual_genome/images",
+        "image_file_name": "{image_id}.jpg",
+    }
+    ann_id, boxes = 1, {}
+    for split, ss in scenes.items():
+        for sc in ss:
+            (img_dir / _vg_file_name(sc.image_id)).write_bytes(sc.jpeg)
+        vg, ann_id = _vg_json(ss, split, ann_id)
+        path = dirs["visual_genome/annotations"] / f"instances_{split}.json"
+        _dump_json(vg, path)
+        files["visual_genome"][f"{split}_annotations"], files["visual_genome"][f"{split}_images"] = (
+            str(path),
+            str(img_dir),
+        )
+        boxes[split] = [a["attribute_ids"] for a in vg["annotations"]]
+        out[f"{split}_boxes"] = len(boxes[split])
+        out[f"{split}_boxes_without_attributes"] = sum(not a for a in boxes[split])
+    out["annotations"] = {s: f"visual_genome/annotations/instances_{s}.json" for s in n}
+    # Attribute chance: always naming the most frequent train attribute, scored top-1 (is it among
+    # the box's attributes?) over the val boxes that have attributes.
+    top = Counter(a for attrs in boxes["train"] for a in attrs).most_common(1)[0][0]
+    val = [attrs for attrs in boxes["val"] if attrs]
+    out["chance"] = {
+        "AP": 0.0,
+        "AP50": 0.0,
+        "attribute_majority": VG_ATTRIBUTES[top],
+        "attribute_majority_top1": round(sum(top in a for a in val) / max(1, len(val)), 4),
+    }
+    return out
+
+
+def _write_mnli(folder: Path, files: dict, rng, n_text: dict) -> tuple[dict, dict]:
+    """Write ``glue/MNLI/{train,dev_matched,dev_mismatched}.tsv``; return (rows per file, summary)."""
+    rows, taken, prompt_id = {}, set(), 1
+    plan = (
+        ("train", MNLI_MATCHED_GENRES, n_text["train"]),
+        ("dev_matched", MNLI_MATCHED_GENRES, n_text["dev"]),
+        ("dev_mismatched", MNLI_MISMATCHED_GENRES, n_text["dev"]),
+    )
+    for name, genres, n in plan:
+        dev = name != "train"
+        rows[name], prompt_id = _mnli_rows(rng, genres, max(1, n // 3), taken, prompt_id, dev)
+        labels = ("label1", "label2", "label3", "label4", "label5") if dev else ("label1",)
+        path = folder / f"{name}.tsv"
+        _write_tsv(path, (*_MNLI_TRAIN_HEADER[:-1], *labels, "gold_label"), rows[name])
+        files["glue"]["mnli"][name] = str(path)
+
+    def gold(name):
+        return [r[-1] for r in rows[name] if r[-1] != "-"]
+
+    def majority(name):
+        return round(Counter(gold(name)).most_common(1)[0][1] / len(gold(name)), 4)
+
+    return rows, {
+        "examples": {name: len(gold(name)) for name in rows},
+        "no_gold_label": {name: sum(r[-1] == "-" for r in rows[name]) for name in rows},
+        "genres": {name: list(genres) for name, genres, _ in plan},
+        "labels": list(ENTAILMENT_LABELS),
+        # UniT validates MNLI on dev_mismatched (glue_mnli_mismatched): that file's majority first.
+        "chance": {
+            "majority_accuracy": majority("dev_mismatched"),
+            "majority_accuracy_matched": majority("dev_matched"),
+            "majority_accuracy_mismatched": majority("dev_mismatched"),
+        },
+    }
+
+
+def _write_qqp(folder: Path, files: dict, rng, n_text: dict) -> tuple[dict, dict]:
+    """Write ``glue/QQP/{train,dev}.tsv``; return (rows per file, summary)."""
+    rows, taken, qids, row_id = {}, set(), {}, 0
+    for split in ("train", "dev"):
+        rows[split], row_id = _qqp_rows(rng, n_text[split], taken, qids, row_id)
+        path = folder / f"{split}.tsv"
+        _write_tsv(path, ("id", "qid1", "qid2", "question1", "question2", "is_duplicate"), rows[split])
+        files["glue"]["qqp"][split] = str(path)
+    dup = {s: sum(r[-1] for r in rs) for s, rs in rows.items()}
+    p = dup["dev"] / len(rows["dev"])
+    return rows, {
+        "examples": {s: len(r) for s, r in rows.items()},
+        "duplicates": dup,
+        "questions": len(qids),
+        # QQP reports accuracy and F1 (duplicate = positive): majority class, and F1 of "always duplicate".
+        "chance": {
+            "majority_accuracy": round(max(p, 1 - p), 4),
+            "all_duplicate_f1": round(2 * p / (1 + p), 4),
+        },
+    }
 
 
 _README = """# unit_fast synthetic multitask dataset
@@ -1066,6 +1883,18 @@ Categories ({cats}) keep raw, non-contiguous ids: configure `num_classes = {num_
 are the tight `xywh` box of the drawn pixels. Every tenth image carries one `iscrowd: 1`
 annotation over an empty background rectangle ({crowd}): readers drop crowd boxes, and
 COCOeval ignores detections there. Image sizes vary (square, landscape, portrait).
+
+## Visual Genome detection (with attributes)
+Images of their own in `visual_genome/images/` (`{{image_id}}.jpg`, VG's naming; {vg_images}
+images, half as many as COCO's): 1 to {vg_max_shapes} non-overlapping shapes on a two-level grey
+background. Annotations are MMF's COCO-style VG detection JSON: categories {vg_cats} (configure
+`num_classes = {vg_num_classes}`), and per box `attribute_ids`, the ids of its colour, its fill
+(solid, striped with white, or hollow: an outline only) and, unless medium-sized, its size
+("small" / "large" against the image, with a gap between the size classes), in no fixed order;
+{vg_no_attr} boxes have none (`[]`). The top-level `attributes` lists the {vg_attr_count}
+attribute names: {vg_attrs}. Ids start at 1, since MMF keeps attribute 0 for "no attribute":
+configure `attribute_class_num = {vg_attr_class_num}`. Boxes are the tight box of the shape
+(stripes and outline included), `area` the pixel count of the shape's inside, `iscrowd` 0.
 
 ## VQAv2
 Questions about colour, count, shape and position, e.g. "How many circles are there?", "What
@@ -1089,8 +1918,21 @@ SST-2: sentiment composed of positive/negative words with negation ("not", "neve
 ("but", "although": the last clause decides), label 1 = positive. QNLI: does the sentence state
 the asked fact about the asked entity? Half the sentences state one fact about the asked entity
 (the asked one or another); half state two facts about two entities differing in one word, always
-including the asked relation, so that only its binding to the right entity decides. Headers and
-quoting are GLUE's (tab-separated, no quotes).
+including the asked relation, so that only its binding to the right entity decides.
+
+MNLI: premises state one to three facts (subject, relation, value; one value per subject and
+relation, so another value contradicts) in the style of a genre; each premise has one entailed
+hypothesis (a stated fact, or another value denied), one contradicted (another value, or a
+stated fact denied) and one neutral (a relation the premise leaves open for a subject it names,
+often with a value the premise gives another subject). Hypotheses of all three labels come from
+the same distribution, so neither sentence alone decides (a hypothesis-only bag of words: about
+1/3). Genres differ in subjects, relations and style (telephone and face-to-face are lower-case
+transcripts): train and `dev_matched` are {mnli_matched}; `dev_mismatched` is {mnli_mismatched}.
+Dev files carry five annotator labels and {mnli_no_gold} rows with gold label `-` (readers drop
+them). QQP: duplicates are two phrasings of one question (frame, value and qualifier); the
+non-duplicates are near misses phrased just as differently (another value, or a related
+question about the same value); every pair uses two different templates. Headers and quoting are
+GLUE's (tab-separated, no quotes).
 
 ## Text
 `vocab.txt` is a BERT WordPiece vocabulary ({vocab_size} tokens, specials first) covering every
@@ -1103,6 +1945,7 @@ transformers 5, which silently ignores `vocab_file=`; `vocab_file=` in 4.x; or
 def _readme(s: dict) -> str:
     det, vqa, ve = s["detection_coco"], s["vqa2"], s["snli_ve"]
     sst2, qnli, vc = s["glue_sst2"], s["glue_qnli"], s["vqa2"]["chance"]
+    vg, mnli, qqp = s["detection_visual_genome"], s["glue_mnli"], s["glue_qqp"]
     vqa_chance = (
         f'majority answer "{vc["majority_answer"]}": {vc["majority_answer_accuracy"]:.4f} VQA accuracy; '
         f"per-question-type prior {vc['question_type_prior_accuracy']:.4f}; "
@@ -1116,6 +1959,13 @@ def _readme(s: dict) -> str:
             "`coco/annotations/instances_{train,val}2017.json`, `coco/{train,val}2017/`",
             f"{det['train_boxes']} / {det['val_boxes']} boxes",
             "AP ~ 0, AP50 ~ 0",
+        ),
+        (
+            "detection (Visual Genome, attributes)",
+            "`visual_genome/annotations/instances_{train,val}.json`, `visual_genome/images/`",
+            f"{vg['train_boxes']} / {vg['val_boxes']} boxes",
+            f'AP ~ 0, AP50 ~ 0; attribute "{vg["chance"]["attribute_majority"]}" always: '
+            f"{vg['chance']['attribute_majority_top1']:.4f} top-1",
         ),
         (
             "VQAv2",
@@ -1142,6 +1992,20 @@ def _readme(s: dict) -> str:
             f"{qnli['examples']['train']} / {qnli['examples']['dev']}",
             f"{qnli['chance']['majority_accuracy']:.4f} (balanced)",
         ),
+        (
+            "MNLI",
+            "`glue/MNLI/{train,dev_matched,dev_mismatched}.tsv`",
+            f"{mnli['examples']['train']} / {mnli['examples']['dev_matched']} matched + "
+            f"{mnli['examples']['dev_mismatched']} mismatched",
+            f"{mnli['chance']['majority_accuracy']:.4f} (balanced)",
+        ),
+        (
+            "QQP",
+            "`glue/QQP/{train,dev}.tsv`",
+            f"{qqp['examples']['train']} / {qqp['examples']['dev']}",
+            f"{qqp['chance']['majority_accuracy']:.4f} (not duplicate); F1 of always duplicate "
+            f"{qqp['chance']['all_duplicate_f1']:.4f}",
+        ),
     ]
     return _README.format(
         seed=s["seed"],
@@ -1154,6 +2018,19 @@ def _readme(s: dict) -> str:
         cats=", ".join(f"{k} {v}" for k, v in det["categories"].items()),
         num_classes=det["num_classes"],
         crowd=f"{det['train_crowd']} train / {det['val_crowd']} val",
+        vg_images=f"{vg['images']['train']} train / {vg['images']['val']} val",
+        vg_max_shapes=VG_MAX_SHAPES,
+        vg_cats=", ".join(f"{k} {v}" for k, v in vg["categories"].items()),
+        vg_num_classes=vg["num_classes"],
+        vg_no_attr=f"{vg['train_boxes_without_attributes']} train / {vg['val_boxes_without_attributes']} val",
+        vg_attr_count=len(vg["attributes"]),
+        vg_attrs=", ".join(f"{k} {v}" for k, v in vg["attributes"].items()),
+        vg_attr_class_num=vg["attribute_class_num"],
+        mnli_matched=", ".join(mnli["genres"]["dev_matched"]),
+        mnli_mismatched=", ".join(mnli["genres"]["dev_mismatched"]),
+        mnli_no_gold=" and ".join(
+            f"{mnli['no_gold_label'][k]} ({k})" for k in ("dev_matched", "dev_mismatched")
+        ),
         num_answers=vqa["num_answers"],
         answers=", ".join(vqa["answers"]),
         vocab_size=s["vocab_size"],

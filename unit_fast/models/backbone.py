@@ -27,8 +27,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from unit_fast import checkpoint_io
-from unit_fast.models.misc import NestedTensor
 from unit_fast.models.position_encoding import PositionEmbeddingSine
+from unit_fast.structures import NestedTensor
 
 _NUM_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 NORMS = ("frozen_bn", "batch_norm")
@@ -148,8 +148,8 @@ class Backbone(BackboneBase):
         self.name, self.dilation, self.norm, self.last_layer = name, dilation, norm, last_layer
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, dilation={self.dilation}, norm={self.norm!r}, last_layer={self.last_layer!r}, "
-                f"num_channels={self.num_channels}")
+        return (f"name={self.name!r}, dilation={self.dilation}, norm={self.norm!r}, "
+                f"last_layer={self.last_layer!r}, num_channels={self.num_channels}")
 
 
 class Joiner(nn.Sequential):

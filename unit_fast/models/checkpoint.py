@@ -22,13 +22,16 @@ _BENIGN_SUFFIXES = ("embeddings.position_ids",)
 
 @dataclass
 class LoadReport:
-    """What a checkpoint load did: keys renamed, dropped as benign, missing and unexpected."""
+    """What a checkpoint load did: keys renamed, dropped as benign, missing and unexpected, and
+    ``reinitialized``: the model's keys of the heads left at their fresh initialisation because
+    their shapes differ from the checkpoint's (``reinit_mismatched_heads``)."""
 
     path: str
     renamed: int = 0
     dropped: list = field(default_factory=list)
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
+    reinitialized: list = field(default_factory=list)
 
     @property
     def ok(self):
@@ -38,7 +41,7 @@ class LoadReport:
         lines = [f"checkpoint {self.path}: {'loaded' if self.ok else 'MISMATCH'}"]
         if self.renamed:
             lines.append(f"  renamed detr_model.* -> unit_base_model.*: {self.renamed} keys")
-        for name in ("dropped", "missing", "unexpected"):
+        for name in ("dropped", "missing", "unexpected", "reinitialized"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:10]) + (f", ... (+{len(keys) - 10})" if len(keys) > 10 else "")
@@ -73,7 +76,32 @@ def mmf_state_dict(path, trust=False, *, loaded=None):
     return state, report
 
 
-def load_mmf_checkpoint(path, model=None, strict=True, trust=False, *, loaded=None):
+def _under(key, prefixes):
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _mismatched_heads(model, state, own, path):
+    """Every model key of the output heads (``UniT.head_prefixes``) that hold a key whose shape
+    differs from the checkpoint's.  A shape mismatch outside every head is a RuntimeError: only
+    a head may change with the class count."""
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    datasets = [ds for heads in getattr(model, "heads", {}).values() for ds in heads]
+    prefixes = {ds: model.head_prefixes(ds) for ds in datasets}
+    outside = [k for k in mismatched if not any(_under(k, p) for p in prefixes.values())]
+    if outside:
+        errors = "\n  ".join(_shape_error(k, state, own) for k in outside[:20])
+        raise RuntimeError(f"checkpoint {path!r}: shape mismatches outside the output heads (is the config "
+                           f"the checkpoint's?):\n  {errors}")
+    changed = [p for p in prefixes.values() if any(_under(k, p) for k in mismatched)]
+    return sorted(k for k in own if any(_under(k, p) for p in changed))
+
+
+def _shape_error(key, state, own):
+    return f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+
+
+def load_mmf_checkpoint(path, model=None, strict=True, trust=False, *, loaded=None,
+                        reinit_mismatched_heads=False):
     """Load an MMF UniT checkpoint (its ``"model"`` entry).
 
     Args:
@@ -84,6 +112,12 @@ def load_mmf_checkpoint(path, model=None, strict=True, trust=False, *, loaded=No
             it, a file that needs more than weights raises ``UntrustedCheckpointError``.
         loaded: the checkpoint already read from ``path`` (``read_checkpoint`` has): a
             multi-GB file is not read twice.
+        reinit_mismatched_heads: fine-tuning with other class counts (``training.init_strict:
+            false``): a dataset's output head (every key under ``model.head_prefixes(ds)``, the
+            no-object weight included) with any shape unlike the checkpoint's is not loaded at
+            all, keeps its fresh initialisation and is listed in ``report.reinitialized``.  A
+            mismatch outside every head is still a ``RuntimeError``; without this flag any
+            mismatch is.
 
     Returns:
         ``LoadReport`` (with ``model``), else ``(state_dict, LoadReport)``.
@@ -94,11 +128,17 @@ def load_mmf_checkpoint(path, model=None, strict=True, trust=False, *, loaded=No
     own = model.state_dict()
     report.missing = sorted(k for k in own if k not in state and not k.endswith(_BENIGN_SUFFIXES))
     report.unexpected = sorted(k for k in state if k not in own)
-    shape_errors = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in state if k in own and state[k].shape != own[k].shape]
-    if shape_errors:
+    shape_errors = [_shape_error(k, state, own) for k in state if k in own and state[k].shape != own[k].shape]
+    if shape_errors and not reinit_mismatched_heads:
         raise RuntimeError(f"checkpoint {path!r}: shape mismatches (is the config the checkpoint's?):\n  "
                            + "\n  ".join(shape_errors[:20]))
+    if shape_errors:
+        report.reinitialized = _mismatched_heads(model, state, own, path)
+        fresh = set(report.reinitialized)
+        # The whole head keeps its fresh init, also keys whose shape happens to match (a
+        # classifier's first layer): half a trained head on new classes is no better start.
+        state = {k: v for k, v in state.items() if k not in fresh}
+        report.missing = [k for k in report.missing if k not in fresh]
     if strict and not report.ok:
         raise RuntimeError(str(report))
     model.load_state_dict(state, strict=False)

@@ -34,9 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unit_fast.nn.hungarian_matcher import HungarianMatcher
 from unit_fast.ops.box_loss import box_loss, box_loss_ref
 from unit_fast.ops.hungarian_match import to_device
-from unit_fast.ops.hungarian_match.matcher import HungarianMatcher
 
 IMPLEMENTATIONS = ("reference", "fast")
 _KNOWN_LOSSES = ("labels", "boxes", "cardinality")

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from unit_fast.models.misc import NestedTensor
+from unit_fast.structures import NestedTensor
 
 
 class PositionEmbeddingSine(nn.Module):

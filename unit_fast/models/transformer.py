@@ -197,25 +197,42 @@ class UniTTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-        self.decoders = nn.ModuleDict({
-            task: nn.ModuleDict({ds: self.decoder if self.share_decoders else build_decoder(*decoder_args)
-                                 for ds in names})
-            for task, names in datasets.items()
-        })
+        self._decoder_args = decoder_args
+        self.decoders = nn.ModuleDict()
+        for task, names in datasets.items():
+            for ds in names:
+                self.add_decoder(task, ds)
         self.residual_in_encoder = cfg.get("residual_in_encoder", True)
         self.mem_out_begin_idx = 0
         if cfg.get("use_task_embedding_in_img_encoder", False):
             self.task_embeddings_enc = nn.Embedding(cfg.get("max_task_num", 256), d_enc)
             self.mem_out_begin_idx = 1  # the task token is dropped from the encoder's output
+        # Datasets with their own image-encoder task token (``task_token: own``), not a row of
+        # ``task_embeddings_enc``: empty for MMF's datasets, so MMF's keys are unchanged.
+        self.task_tokens_enc = nn.ModuleDict()
 
-    def _encode_image(self, img_src, img_mask, img_pos, task_idx):
+    def add_decoder(self, task, ds):
+        """The decoder of a new dataset: the shared one, or a fresh one (PyTorch's default
+        initialisation, as the reference's separate decoders have)."""
+        if task not in self.decoders:
+            self.decoders[task] = nn.ModuleDict()
+        self.decoders[task][ds] = self.decoder if self.share_decoders else build_decoder(*self._decoder_args)
+
+    def add_task_token(self, ds):
+        """An own image-encoder task token ``(1, d_enc)`` for dataset ``ds`` (when the encoder uses one)."""
+        if self.mem_out_begin_idx:
+            self.task_tokens_enc[ds] = nn.Embedding(1, self.task_embeddings_enc.embedding_dim)
+
+    def _encode_image(self, img_src, img_mask, img_pos, task_idx, dataset_name=None):
         """``(memory (HW, B, d_dec), pos (HW, B, d_dec), mask (B, HW))`` of ``img_src (B, d_enc, H, W)``."""
         B = img_src.shape[0]
         src = img_src.flatten(2).permute(2, 0, 1)  # (HW, B, d_enc)
         pos = img_pos.flatten(2).permute(2, 0, 1)  # (HW, B, d_enc)
         mask = img_mask.flatten(1)  # (B, HW)
         if self.mem_out_begin_idx:  # prepend the task token: zero position, never padding
-            token = self.task_embeddings_enc.weight[task_idx].view(1, 1, -1).expand(1, B, -1)
+            own = self.task_tokens_enc[dataset_name] if dataset_name in self.task_tokens_enc else None
+            row = own.weight[0] if own is not None else self.task_embeddings_enc.weight[task_idx]
+            token = row.view(1, 1, -1).expand(1, B, -1)
             enc_src = torch.cat([token.to(src.dtype), src])  # (1 + HW, B, d_enc)
             enc_pos = torch.cat([torch.zeros_like(pos[:1]), pos])
             enc_mask = torch.cat([mask.new_zeros(B, 1), mask], dim=1)
@@ -239,7 +256,7 @@ class UniTTransformer(nn.Module):
         """
         memories, positions, masks = [], [], []
         if img_src is not None:
-            memory, pos, mask = self._encode_image(img_src, img_mask, img_pos, task_idx)
+            memory, pos, mask = self._encode_image(img_src, img_mask, img_pos, task_idx, dataset_name)
             memories.append(memory)
             positions.append(pos)
             masks.append(mask)

@@ -22,7 +22,6 @@ lists of dicts, not pickled byte tensors.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
@@ -56,12 +55,21 @@ class UniTBaseModel(nn.Module):
         datasets = {task: list(qs) for task, qs in cfg["num_queries"].items()}
         self.transformer = UniTTransformer(cfg, datasets)
         d_dec = cfg["decoder_hidden_dim"]
-        self.num_queries = cfg["num_queries"]
+        self.d_dec = d_dec
+        self.num_queries = {task: dict(qs) for task, qs in cfg["num_queries"].items()}
         self.query_embeds = nn.ModuleDict({
             task: nn.ModuleDict({ds: nn.Embedding(q, d_dec) for ds, q in qs.items()})
             for task, qs in cfg["num_queries"].items()
         })
         self.input_proj = nn.Conv2d(self.backbone.num_channels, cfg["encoder_hidden_dim"], kernel_size=1)
+
+    def add_queries(self, task, ds, num_queries):
+        """A new dataset's ``num_queries`` query embeddings (and its decoder: shared or its own)."""
+        self.num_queries.setdefault(task, {})[ds] = num_queries
+        if task not in self.query_embeds:
+            self.query_embeds[task] = nn.ModuleDict()
+        self.query_embeds[task][ds] = nn.Embedding(num_queries, self.d_dec)
+        self.transformer.add_decoder(task, ds)
 
     def forward(self, img_src, text_src=None, text_mask=None, text_pos=None, output_hidden_states_only=False,
                 task_type="detection", dataset_name="detection_coco", task_idx=None):
@@ -96,16 +104,24 @@ class UniT(nn.Module):
     """The whole model: ``forward(sample)`` for any configured dataset.
 
     ``cfg`` (a mapping, see ``unit_fast/configs/defaults.yaml``): ``base_args``, ``heads``
-    ``{task: {dataset: {task_idx, num_classes|num_labels, use_attr, loss_type}}}``, ``bert``
-    ``{pretrained, config}``, ``keep_only_bert_cls``, ``use_task_embedding_in_lang_encoder``,
-    ``max_task_num``, ``detection_loss_weight``, ``loss_on_all_hs``, ``predict_attributes``,
-    ``backend``.
+    ``{task: {dataset: {kind, task_idx, task_token, num_classes|num_labels, use_attr,
+    loss_type}}}``, ``bert`` ``{pretrained, config}``, ``keep_only_bert_cls``,
+    ``use_task_embedding_in_lang_encoder``, ``max_task_num``, ``detection_loss_weight``,
+    ``loss_on_all_hs``, ``predict_attributes``, ``implementation``, ``autocast_dtype``.  It is
+    read once, here; ``forward`` looks nothing up in it.
+
+    Per-dataset parameters (query embeddings, a separate decoder, task tokens, heads) are
+    registered with their dataset's name (``register_dataset_parameters``), so that
+    ``dataset_parameters()`` tells them from the shared body (``training.freeze: shared``).
+    A dataset's task token is the row ``task_idx`` of MMF's tables (``task_token: table``, MMF's
+    datasets) or its own ``(1, H)`` embedding (``task_token: own``: datasets added later).
     """
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg  # kept for reference (export, repr); forward reads the attributes below
         base = cfg["base_args"]
+        self._base = base
         self.unit_base_model = UniTBaseModel(base)
         self.bert_model = BertTextEncoder(cfg["bert"].get("pretrained"), cfg["bert"].get("config"))
         bert_hidden = self.bert_model.config.hidden_size
@@ -115,29 +131,21 @@ class UniT(nn.Module):
         self.use_task_embedding_in_lang_encoder = cfg["use_task_embedding_in_lang_encoder"]
         self.task_embeddings_lang = (nn.Embedding(cfg["max_task_num"], bert_hidden)
                                      if self.use_task_embedding_in_lang_encoder else nn.Identity())
-        # Heads for the datasets the model has queries for (``num_queries``), configured in ``heads``.
-        heads = {task: {ds: self._head_cfg(cfg, task, ds) for ds in qs}
-                 for task, qs in base["num_queries"].items()}
-        self.heads = heads
+        self.task_tokens_lang = nn.ModuleDict()  # task_token: own (empty for MMF's datasets)
+        self.detection_loss_weight = cfg["detection_loss_weight"]
+        self.loss_on_all_hs = cfg["loss_on_all_hs"]
+        self.predict_attributes = cfg["predict_attributes"]
+        self.autocast = cfg.get("autocast_dtype")
+        self.keep_only_cls = {}  # {dataset: bool}
+        self.heads, self.kinds = {}, {}  # {task: {dataset: head cfg}}, {dataset: TaskKind}
+        self._dataset_params = {}  # {dataset: [(parameter name, row or None)]}
         self.class_embeds, self.bbox_embeds, self.det_losses = nn.ModuleDict(), nn.ModuleDict(), nn.ModuleDict()
-        for ds, h in heads.get("detection", {}).items():
-            n_cls = h["num_classes"]
-            self.class_embeds[ds] = nn.Linear(d_dec, n_cls + 1)
-            self.bbox_embeds[ds] = MLP(d_dec, d_dec, 4, 3)
-            attr_head = (AttributeHead(n_cls, base["attribute_class_num"], d_dec) if h.get("use_attr", False)
-                         else None)
-            self.det_losses[ds] = build_detection_loss(
-                n_cls, set_cost_class=base["set_cost_class"], set_cost_bbox=base["set_cost_bbox"],
-                set_cost_giou=base["set_cost_giou"], bbox_loss_coef=base["bbox_loss_coef"],
-                giou_loss_coef=base["giou_loss_coef"], attr_loss_coef=base["attr_loss_coef"],
-                eos_coef=base["eos_coef"], dec_layers=base["dec_layers"], aux_loss=base["aux_loss"],
-                use_bcl=base["use_bcl"], attribute_head=attr_head,
-                attribute_class_num=base["attribute_class_num"], max_attribute_num=base["max_attribute_num"])
         self.classifiers = nn.ModuleDict()
-        for task in ("vl", "glue"):
-            if heads.get(task):
-                self.classifiers[task] = nn.ModuleDict({
-                    ds: _classifier(d_dec, h["num_labels"], self.bert_model.config) for ds, h in heads[task].items()})
+        # Heads for the datasets the model has queries for (``num_queries``), configured in ``heads``.
+        # In MMF's order (detection heads, then vl, then glue classifiers): the same initial weights.
+        for task in sorted(base["num_queries"], key=lambda t: TASK_TYPES.index(t) if t in TASK_TYPES else -1):
+            for ds in base["num_queries"][task]:
+                self._add_head(task, ds, self._head_cfg(cfg, task, ds), cfg["keep_only_bert_cls"])
         self.dropout = nn.Dropout(cfg.get("classifier_dropout", 0.1))
         self.implementation = None
         self.set_implementation(cfg.get("implementation", "fast"))
@@ -147,9 +155,121 @@ class UniT(nn.Module):
         if task not in TASK_TYPES:
             raise ValueError(f"UniT: num_queries has task type {task!r}; expected one of {TASK_TYPES}")
         try:
-            return cfg["heads"][task][ds]
+            return dict(cfg["heads"][task][ds])
         except KeyError:
             raise ValueError(f"UniT: dataset {ds!r} has queries but no model.heads.{task}.{ds} entry") from None
+
+    # -- per-dataset parameters ----------------------------------------------------------------
+
+    def register_dataset_parameters(self, ds, prefix, row=None):
+        """Register the parameters under module path ``prefix`` (or the one parameter named
+        ``prefix``) as dataset ``ds``'s; ``row``: only that row of it (a task-token table)."""
+        self._dataset_params.setdefault(ds, []).append((prefix, row))
+
+    def dataset_parameters(self):
+        """``{dataset: [(parameter name, row or None)]}``: every registered per-dataset
+        parameter, named as ``named_parameters()`` names it; ``row`` an int when only that row
+        of a shared table (MMF's task-token tables) belongs to the dataset."""
+        names = [n for n, _ in self.named_parameters()]
+        out = {}
+        for ds, entries in self._dataset_params.items():
+            found = []
+            for prefix, row in entries:
+                found += [(n, row) for n in names if n == prefix or n.startswith(prefix + ".")]
+            out[ds] = found
+        return out
+
+    def head_prefixes(self, ds):
+        """Module paths of dataset ``ds``'s output head (what fine-tuning re-initialises when its
+        class count changes): the class head and its loss (no-object weight, attribute head), or
+        the classifier."""
+        task = self.task_type(ds)
+        if task == "detection":
+            return [f"class_embeds.{ds}", f"det_losses.{ds}"]
+        return [f"classifiers.{task}.{ds}"]
+
+    def _add_head(self, task, ds, head, keep_only_cls):
+        from unit_fast.tasks import model_kind
+
+        base, d_dec = self._base, self._base["decoder_hidden_dim"]
+        kind = model_kind(ds, task, head)
+        if kind.model_task != task:
+            raise ValueError(f"UniT: dataset {ds!r} of kind {kind.name} needs num_queries.{kind.model_task}, "
+                             f"got num_queries.{task}")
+        self.heads.setdefault(task, {})[ds] = head
+        self.kinds[ds] = kind
+        self.keep_only_cls[ds] = bool(keep_only_cls.get(task, {}).get(ds, False))
+        reg = self.register_dataset_parameters
+        reg(ds, f"unit_base_model.query_embeds.{task}.{ds}")
+        if not self.unit_base_model.transformer.share_decoders:
+            reg(ds, f"unit_base_model.transformer.decoders.{task}.{ds}")
+        own = head.get("task_token", "table") == "own"
+        if head.get("task_token", "table") not in ("table", "own"):
+            raise ValueError(f"model.heads.{task}.{ds}.task_token must be table or own, got {head['task_token']!r}")
+        if not own and head.get("task_idx") is None and (self.use_task_embedding_in_lang_encoder
+                                                        or self.unit_base_model.transformer.mem_out_begin_idx):
+            raise ValueError(f"model.heads.{task}.{ds}: task_idx is not set (or set task_token: own)")
+        text, image = task in ("vl", "glue"), task in ("vl", "detection")
+        if own:
+            if self.use_task_embedding_in_lang_encoder and text:
+                self.task_tokens_lang[ds] = nn.Embedding(1, self.bert_model.config.hidden_size)
+                reg(ds, f"task_tokens_lang.{ds}")
+            if image and self.unit_base_model.transformer.mem_out_begin_idx:
+                self.unit_base_model.transformer.add_task_token(ds)
+                reg(ds, f"unit_base_model.transformer.task_tokens_enc.{ds}")
+        else:
+            if self.use_task_embedding_in_lang_encoder and text:
+                reg(ds, "task_embeddings_lang.weight", head["task_idx"])
+            if image and self.unit_base_model.transformer.mem_out_begin_idx:
+                reg(ds, "unit_base_model.transformer.task_embeddings_enc.weight", head["task_idx"])
+        count = "num_classes" if task == "detection" else "num_labels"
+        if not isinstance(head.get(count), int):  # null in a config: the data's count, set by configure_model
+            raise ValueError(f"model.heads.{task}.{ds}.{count} is not set (with data, the trainer takes it from "
+                             f"the data), got {head.get(count)!r}")
+        if task == "detection":
+            n_cls = head["num_classes"]
+            self.class_embeds[ds] = nn.Linear(d_dec, n_cls + 1)
+            self.bbox_embeds[ds] = MLP(d_dec, d_dec, 4, 3)
+            attr_head = (AttributeHead(n_cls, base["attribute_class_num"], d_dec) if head.get("use_attr", False)
+                         else None)
+            self.det_losses[ds] = build_detection_loss(
+                n_cls, set_cost_class=base["set_cost_class"], set_cost_bbox=base["set_cost_bbox"],
+                set_cost_giou=base["set_cost_giou"], bbox_loss_coef=base["bbox_loss_coef"],
+                giou_loss_coef=base["giou_loss_coef"], attr_loss_coef=base["attr_loss_coef"],
+                eos_coef=base["eos_coef"], dec_layers=base["dec_layers"], aux_loss=base["aux_loss"],
+                use_bcl=base["use_bcl"], attribute_head=attr_head,
+                attribute_class_num=base["attribute_class_num"], max_attribute_num=base["max_attribute_num"])
+            for prefix in (f"class_embeds.{ds}", f"bbox_embeds.{ds}", f"det_losses.{ds}"):
+                reg(ds, prefix)
+        else:
+            if task not in self.classifiers:
+                self.classifiers[task] = nn.ModuleDict()
+            self.classifiers[task][ds] = _classifier(d_dec, head["num_labels"], self.bert_model.config)
+            reg(ds, f"classifiers.{task}.{ds}")
+
+    def add_dataset(self, ds, head, num_queries, keep_only_cls=None):
+        """Add dataset ``ds`` to the model: its query embeddings (and decoder, when decoders are
+        separate), task token and head, from ``head`` (a ``model.heads.<task>.<ds>`` mapping
+        with ``kind``); ``keep_only_cls``: decode from BERT's [CLS] only (text kinds; default the
+        kind's).  New modules start on the model's device and dtype; every existing parameter
+        is untouched.  Returns the new parameters' names."""
+        from unit_fast.tasks import task_kind
+
+        if any(ds in h for h in self.heads.values()):
+            raise ValueError(f"UniT.add_dataset: the model already serves {ds!r}")
+        kind = task_kind(head.get("kind"), "add_dataset kind")
+        task = kind.model_task
+        ref = next(self.parameters())
+        before = {n for n, _ in self.named_parameters()}
+        self.unit_base_model.add_queries(task, ds, num_queries)
+        cls = kind.keep_only_cls if keep_only_cls is None else keep_only_cls
+        self._add_head(task, ds, dict(head), {task: {ds: bool(cls)}})
+        self.to(device=ref.device)
+        for crit in self.det_losses.values():
+            crit.set_implementation(self.implementation, None)
+        if self.implementation == "fast":  # the new decoder's attention modules take the fast path
+            patch_attention(self.unit_base_model, drop_weights=True)
+        return [n for n, _ in self.named_parameters() if n not in before]
 
     # -- execution path ------------------------------------------------------------------------
 
@@ -177,7 +297,7 @@ class UniT(nn.Module):
         """The dtype the forward autocasts to on ``device_type``, or None: only on the fast
         implementation; ``model.autocast_dtype: auto`` = bfloat16 on a CUDA device that supports
         it, none elsewhere."""
-        amp = self.cfg.get("autocast_dtype")
+        amp = self.autocast
         if not amp or self.implementation != "fast":
             return None
         if amp == "auto":
@@ -194,7 +314,7 @@ class UniT(nn.Module):
         raise ValueError(f"UniT: unknown dataset {dataset_name!r}; this model has: "
                          f"{ {t: list(h) for t, h in self.heads.items()} }")
 
-    def forward_bert_with_task_idx(self, sample, task_idx):
+    def forward_bert_with_task_idx(self, sample, task_idx, dataset_name=None):
         """``(sequence_output (B, L, H_bert), pos_embeddings (L, H_bert))`` as MMF computes them:
         an optional task token (the raw embedding row) prepended before BERT's encoder and
         dropped after; the positions are BERT's learned position table rows ``0 .. L-1``."""
@@ -208,7 +328,9 @@ class UniT(nn.Module):
         emb = bert.embeddings(input_ids=input_ids, position_ids=position_ids, token_type_ids=segment_ids)
         mask = input_mask
         if self.use_task_embedding_in_lang_encoder:
-            token = self.task_embeddings_lang.weight[task_idx].view(1, 1, -1).expand(emb.shape[0], 1, -1)
+            own = self.task_tokens_lang[dataset_name] if dataset_name in self.task_tokens_lang else None
+            row = own.weight[0] if own is not None else self.task_embeddings_lang.weight[task_idx]
+            token = row.view(1, 1, -1).expand(emb.shape[0], 1, -1)
             emb = torch.cat([token.to(emb.dtype), emb], dim=1)  # (B, 1 + L, H_bert)
             mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
         extended = (1.0 - mask[:, None, None, :].to(emb.dtype)) * -10000.0  # (B, 1, 1, L'): MMF's additive mask
@@ -249,14 +371,14 @@ class UniT(nn.Module):
         head = self.heads[task][ds]
         text_src = text_mask = text_pos = None
         if task in ("vl", "glue"):
-            text_src, text_pos = self.forward_bert_with_task_idx(sample, head["task_idx"])
+            text_src, text_pos = self.forward_bert_with_task_idx(sample, head.get("task_idx"), ds)
             text_src, text_pos = self.bert_projection(text_src), self.bert_pos_projection(text_pos)
             text_mask = sample["input_mask"]
-            if self.cfg["keep_only_bert_cls"].get(task, {}).get(ds, False):  # the CLS token only
+            if self.keep_only_cls[ds]:  # the CLS token only
                 text_src, text_pos, text_mask = text_src[:, :1], text_pos[:1], text_mask[:, :1]
         img_src = sample["image"] if task in ("vl", "detection") else None
         out = self.unit_base_model(img_src, text_src, text_mask, text_pos, task_type=task, dataset_name=ds,
-                                   task_idx=head["task_idx"])
+                                   task_idx=head.get("task_idx"))
         if task == "detection":
             return self._detection(out["hidden_states"], sample, ds)
         return self._classification(out["hidden_states"], sample, task, ds)
@@ -272,11 +394,11 @@ class UniT(nn.Module):
             if sample.get("targets") is not None:
                 crit = self.det_losses[ds]
                 loss_dict = crit(out, sample["targets"])
-                weight = self.cfg["detection_loss_weight"]
+                weight = self.detection_loss_weight
                 out["losses"] = {f"{split}/{ds}/{k}": loss_dict[k] * w * weight
                                  for k, w in crit.weight_dict.items() if k in loss_dict}
         head = self.det_losses[ds].attribute_head
-        if head is not None and self.cfg["predict_attributes"]:
+        if head is not None and self.predict_attributes:
             labels = logits[-1][..., :-1].argmax(-1)  # the most likely real class per query
             out["attr_logits"] = head(hs[-1], labels)
         return out
@@ -284,7 +406,7 @@ class UniT(nn.Module):
     def _classification(self, hs, sample, task, ds):
         split = sample.get("dataset_type", "train")
         num_queries = self.unit_base_model.num_queries[task][ds]
-        layers = hs if self.cfg["loss_on_all_hs"] else hs[-1:]
+        layers = hs if self.loss_on_all_hs else hs[-1:]
         losses = {}
         scores = None
         head = self.heads[task][ds]
@@ -293,12 +415,7 @@ class UniT(nn.Module):
             scores = self.classifiers[task][ds](pooled)  # (B, num_labels)
             targets = sample.get("targets")
             if targets is not None:
-                if head.get("loss_type", "ce") == "bce":
-                    loss = F.binary_cross_entropy_with_logits(scores, targets.to(scores.dtype))
-                    if ds == "vqa2":
-                        loss = loss * targets.shape[1]  # MMF: mean BCE x num answers
-                else:
-                    loss = F.cross_entropy(scores, targets)
+                loss = self.kinds[ds].loss(scores, targets, head)  # the kind's: vqa is MMF's logit_bce
                 losses[f"{split}/{ds}/loss_{idx}"] = loss
         out = {"scores": scores}
         if losses:

@@ -2,7 +2,7 @@
 
 import torch
 
-from unit_fast.models.misc import NestedTensor
+from unit_fast.structures import NestedTensor
 
 
 def resolve_device(name, option="--device"):

@@ -1,46 +1,51 @@
-"""Datasets and loaders of a training run, from the config's ``data`` section.
+"""Datasets of a training run, from the config's ``data`` section and the task-kind table.
 
-With ``data.root: null`` the synthetic default is generated once (by seed and size) under
-``data.cache_dir`` and read back by the real readers.  Otherwise ``data.datasets`` gives each
-dataset's files, e.g.::
+``data.datasets`` empty (and ``data.root`` null): the synthetic default is generated once (by
+seed and size) under ``data.cache_dir`` and read back by the real readers.  Otherwise
+``data.datasets`` gives each dataset's kind and files, e.g.::
 
     data:
       datasets:
         detection_coco: {train: {annotations: .../instances_train2017.json, images: .../train2017},
                          val: {annotations: .../instances_val2017.json, images: .../val2017}}
-        vqa2: {train: {questions: ..., annotations: ..., images: ...}, val: {...}, answer_vocab: null}
-        visual_entailment: {train: {jsonl: ..., images: ...}, val: {...}}
-        glue_sst2: {train: {tsv: .../SST-2/train.tsv}, val: {tsv: .../SST-2/dev.tsv}}
+        widgets: {kind: detection, train: {annotations: ..., images: ...}, val: {...}}
+        reviews: {kind: text_classification,
+                  train: {tsv: .../train.tsv, text_columns: [sentence], label_column: label},
+                  val: {tsv: .../dev.tsv, text_columns: [sentence], label_column: label}}
+
+Which keys a dataset takes is its kind's (``unit_fast/tasks``); ``tasks/resolve.py`` has the rules.
 """
 
 import os
 from dataclasses import dataclass, field
 
-from unit_fast.data.datasets import DetectionDataset, EntailmentDataset, ImageSizes, TextDataset, VQADataset
+from unit_fast.data.datasets import ImageSizes
 from unit_fast.data.readers import ReadReport
-from unit_fast.data.readers.coco import read_coco_detection
-from unit_fast.data.readers.glue import read_glue
-from unit_fast.data.readers.snli_ve import read_snli_ve
-from unit_fast.data.readers.vqa2 import read_vqa2
 from unit_fast.data.text import load_tokenizer
-
-GLUE_TASKS = {"glue_sst2": "SST-2", "glue_qnli": "QNLI", "glue_qqp": "QQP", "glue_mnli_mismatched": "MNLI"}
-DEFAULT_TEXT_LENGTH = {"vqa2": 25, "visual_entailment": 25}
+from unit_fast.tasks import BUILTIN_DATASETS, ReadContext, dataset_spec
 
 
 @dataclass
 class RunData:
     """A run's datasets.  ``read_reports``: ``{dataset: ReadReport}``, what the readers skipped and
-    dropped in that dataset's train and val files; ``report``: their sum (``ReadReport.total``)."""
+    dropped in that dataset's train and val files; ``report``: their sum (``ReadReport.total``);
+    ``kinds``: ``{dataset: TaskKind}``; ``dataset_info``: ``{dataset: dict}``, what the kind
+    learnt from the data (class counts, label names, answer vocabulary, categories)."""
 
     train: dict
     val: dict
     tokenizer: object
-    answer_vocab: list | None
     report: ReadReport
     root: str | None = None
     info: dict = field(default_factory=dict)
     read_reports: dict = field(default_factory=dict)
+    kinds: dict = field(default_factory=dict)
+    dataset_info: dict = field(default_factory=dict)
+
+    @property
+    def answer_vocab(self):
+        """The answer vocabulary of the run's (first) VQA dataset, or None."""
+        return next((i["answers"] for i in self.dataset_info.values() if i.get("answers") is not None), None)
 
 
 def synthetic_root(data_cfg):
@@ -67,21 +72,10 @@ def synthetic_root(data_cfg):
 
 
 def synthetic_paths(root):
-    """``data.datasets`` entries for the synthetic layout under ``root``."""
-    j = lambda *p: os.path.join(root, *p)  # noqa: E731
-    splits = (("train", "train"), ("val", "dev"))  # (split, file stem)
-    return {
-        "detection_coco": {s: {"annotations": j("coco/annotations", f"instances_{s}2017.json"),
-                               "images": j("coco", f"{s}2017")} for s in ("train", "val")},
-        "vqa2": {s: {"questions": j("vqa2", f"v2_OpenEnded_mscoco_{s}2014_questions.json"),
-                     "annotations": j("vqa2", f"v2_mscoco_{s}2014_annotations.json"),
-                     "images": j("coco", f"{s}2017")}
-                 for s in ("train", "val")},
-        "visual_entailment": {s: {"jsonl": j("snli_ve", f"snli_ve_{d}.jsonl"), "images": j("snli_ve/images")}
-                              for s, d in splits},
-        "glue_sst2": {s: {"tsv": j("glue/SST-2", f"{d}.tsv")} for s, d in splits},
-        "glue_qnli": {s: {"tsv": j("glue/QNLI", f"{d}.tsv")} for s, d in splits},
-    }
+    """``data.datasets`` entries for the synthetic layout under ``root``: every built-in dataset."""
+    return {ds: {split: {key: os.path.join(root, rel) for key, rel in files.items()}
+                 for split, files in row["synthetic"].items()}
+            for ds, row in BUILTIN_DATASETS.items()}
 
 
 def _need(paths, key, ds, split):
@@ -95,72 +89,72 @@ def _need(paths, key, ds, split):
 
 
 def configure_model(cfg, data):
-    """Fit the model config to ``data`` in place: a from-scratch BERT's vocabulary size, the VQA
-    head's number of answers."""
+    """Fit the model config to ``data`` in place: a from-scratch BERT's vocabulary size, and each
+    head's class or label count from the data where the config leaves it unset (the kind's
+    ``fit_head``; VQA: the answer vocabulary's size)."""
     m = cfg["model"]
     if data.tokenizer is not None and m["bert"]["pretrained"] is None:
         m["bert"]["config"]["vocab_size"] = len(data.tokenizer)
-    if data.answer_vocab is not None and "vqa2" in m["heads"].get("vl", {}):
-        m["heads"]["vl"]["vqa2"]["num_labels"] = len(data.answer_vocab)
+    for ds, kind in data.kinds.items():
+        head = m["heads"].setdefault(kind.model_task, {}).setdefault(ds, {})
+        kind.fit_head(ds, head, data.dataset_info.get(ds, {}), m)
+
+
+def _tokenizer(cfg, root, synthetic, needed):
+    data_cfg = cfg["data"]
+    tok_path = data_cfg["tokenizer"] or (os.path.join(root, "vocab.txt") if synthetic else None)
+    if tok_path is None:
+        tok_path = cfg["model"]["bert"]["pretrained"]
+    if tok_path is None:
+        if not needed:
+            return None
+        raise ValueError(f"no tokenizer for {', '.join(needed)}: set data.tokenizer (a vocab.txt or tokenizer "
+                         "folder) or model.bert.pretrained (a local BERT folder) when data.datasets is set")
+    return load_tokenizer(tok_path)
+
+
+def _text_length(ds, kind, lengths, positions):
+    """Tokens per text of ``ds``: ``data.text_max_length.<ds>``, else the kind's default, capped
+    by BERT's ``positions`` when known (a longer configured length is an error naming the key)."""
+    if kind.text_length is None:
+        return None
+    if ds in lengths:
+        if positions is not None and lengths[ds] > positions:
+            raise ValueError(f"data.text_max_length.{ds}={lengths[ds]} exceeds model.bert.config."
+                             f"max_position_embeddings={positions}")
+        return lengths[ds]
+    return kind.text_length if positions is None else min(kind.text_length, positions)
 
 
 def build_data(cfg, dataset_names):
     """``RunData`` with train and val datasets for ``dataset_names`` (the model's datasets)."""
     data_cfg = cfg["data"]
-    root = data_cfg["root"]
-    if root is None:
-        root = synthetic_root(data_cfg)
-        paths = synthetic_paths(root)
-    else:
-        paths = data_cfg["datasets"]
-    missing = [ds for ds in dataset_names if ds not in paths]
-    if missing:
-        raise ValueError(f"no data configured for {missing}: set data.datasets.<name>.{{train,val}} paths "
-                         "(or data.root: null for the synthetic default)")
-    synthetic_vocab = os.path.join(root, "vocab.txt") if data_cfg["root"] is None else None
-    tok_path = data_cfg["tokenizer"] or synthetic_vocab
-    if tok_path is None:
-        tok_path = cfg["model"]["bert"]["pretrained"]
-    if tok_path is None:
-        raise ValueError("no tokenizer: set data.tokenizer (a vocab.txt or tokenizer folder) or "
-                         "model.bert.pretrained (a local BERT folder) when data.root is set")
-    tokenizer = load_tokenizer(tok_path)
+    synthetic = not data_cfg["datasets"]
+    if synthetic and data_cfg["root"] is not None:
+        raise ValueError(f"no data configured for {list(dataset_names)}: set data.datasets.<name>.{{train,val}} "
+                         "paths (or data.root: null for the synthetic default)")
+    root = synthetic_root(data_cfg) if synthetic else data_cfg["root"]
+    specs = {ds: dataset_spec(cfg, ds) for ds in dataset_names}
+    needed = [ds for ds, spec in specs.items() if spec["kind"].text_length is not None]
+    tokenizer = _tokenizer(cfg, root, synthetic, needed)
     sizes = ImageSizes(**{k: tuple(v) if isinstance(v, list) else v
                           for k, v in data_cfg["image_sizes"].items()})
     reports = {ds: ReadReport() for ds in dataset_names}  # train and val of a dataset share one
-    on_error = data_cfg["on_error"]
-    lengths = {**DEFAULT_TEXT_LENGTH, **data_cfg["text_max_length"]}
-    train, val, vocab = {}, {}, None
-    for ds in dataset_names:
-        if ds not in paths:
-            raise ValueError(f"no data configured for dataset {ds!r}: set data.datasets.{ds}")
-        report = reports[ds]
+    lengths = data_cfg["text_max_length"] or {}
+    # A from-scratch BERT's position table bounds the text length (a pretrained one has 512).
+    positions = (cfg["model"]["bert"].get("config") or {}).get("max_position_embeddings")
+    train, val, info = {}, {}, {}
+    for ds, spec in specs.items():
+        kind = spec["kind"]
+        info[ds] = {}
         for split, out in (("train", train), ("val", val)):
-            p = paths[ds][split]
-            is_train = split == "train"
-            if ds.startswith("detection"):
-                # labelled: train and val have boxes, so a file without `annotations` is an error.
-                recs = read_coco_detection(_need(p, "annotations", ds, split), _need(p, "images", ds, split),
-                                           with_attributes=ds == "detection_visual_genome", labelled=True,
-                                           on_error=on_error, report=report)
-                out[ds] = DetectionDataset(recs, ds, train=is_train, sizes=sizes,
-                                           seed=cfg["training"]["seed"])
-            elif ds == "vqa2":
-                recs, vocab_out = read_vqa2(_need(p, "questions", ds, split),
-                                            _need(p, "annotations", ds, split), _need(p, "images", ds, split),
-                                            answer_vocab=vocab or paths[ds].get("answer_vocab"),
-                                            dense_scores=False, on_error=on_error, report=report)
-                vocab = vocab or vocab_out
-                out[ds] = VQADataset(recs, ds, tokenizer, max_length=lengths.get(ds, 25), answer_vocab=vocab,
-                                     sizes=sizes)
-            elif ds == "visual_entailment":
-                recs = read_snli_ve(_need(p, "jsonl", ds, split), _need(p, "images", ds, split),
-                                    on_error=on_error, report=report)
-                out[ds] = EntailmentDataset(recs, ds, tokenizer, max_length=lengths.get(ds, 25), sizes=sizes)
-            elif ds in GLUE_TASKS:
-                recs = read_glue(GLUE_TASKS[ds], _need(p, "tsv", ds, split), on_error=on_error, report=report)
-                out[ds] = TextDataset(recs, ds, tokenizer, max_length=lengths.get(ds, 128))
-            else:
-                raise ValueError(f"no reader for dataset {ds!r}")
-    return RunData(train, val, tokenizer, vocab, ReadReport.total(reports.values()), root,
-                   read_reports=reports)
+            given = spec["splits"][split]
+            files = {k: os.path.join(root, v) if synthetic and v is not None else v
+                     for k, v in given["paths"].items()}
+            paths = {k: _need(files, k, ds, split) for k in kind.path_keys}
+            paths.update({k: _need(files, k, ds, split) for k in kind.optional_path_keys if files.get(k)})
+            ctx = ReadContext(tokenizer, sizes, cfg["training"]["seed"], data_cfg["on_error"], reports[ds],
+                              _text_length(ds, kind, lengths, positions), given["options"], info[ds])
+            out[ds] = kind.read(ctx, ds, split, paths)
+    return RunData(train, val, tokenizer, ReadReport.total(reports.values()), root, read_reports=reports,
+                   kinds={ds: spec["kind"] for ds, spec in specs.items()}, dataset_info=info)

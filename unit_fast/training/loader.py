@@ -106,7 +106,8 @@ class UpdateLoader:
 
     def next_update(self):
         """``(tasks, [(dataset, epoch, batch), ...])``: the next update's tasks and micro-batches
-        (``batch`` as the collator makes it, ``"skipped"`` count included)."""
+        (``batch`` as the collator makes it, with its ``"skipped"`` count and ``"indices"``, the
+        dataset indices of the rows kept)."""
         if self.num_workers and self._it is None:
             self._start()  # before drawing: the copies start from the not-yet-consumed position
         tasks, plan = plan_update(self.sampler, self.streams, self.tasks_per_step, self.accumulate)

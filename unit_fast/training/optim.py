@@ -9,18 +9,28 @@ import torch
 OPTIMIZERS = ("adam_w", "adam_w_skip_params_with_zero_grad")
 
 
-def param_groups(model, lr, lr_backbone, weight_decay):
+def param_groups(model, lr, lr_backbone, weight_decay, no_decay=()):
     """MMF's ``get_optimizer_parameters``: every trainable parameter at ``lr``, except the image
-    backbone's (``unit_base_model.backbone``) at ``lr_backbone``."""
-    backbone, rest = [], []
+    backbone's (``unit_base_model.backbone``) at ``lr_backbone``.  Frozen parameters
+    (``requires_grad`` False: ``training.freeze``, DETR's frozen stem) are left out.
+
+    ``no_decay``: names of parameters put in a group of their own (same lr) with weight decay 0:
+    the partly frozen task-token tables of ``training.freeze`` (``FreezeReport.no_decay``), whose
+    masked rows must not be decayed.  Empty groups are dropped."""
+    unused = set(no_decay) - {n for n, _ in model.named_parameters()}
+    if unused:
+        raise ValueError(f"param_groups: no_decay names no parameter of the model: {sorted(unused)}")
+    # MMF's two groups first, in its order (a checkpoint's optimizer state lists groups by index),
+    # then the no-decay ones.
+    order = [("rest", False), ("backbone", False), ("rest", True), ("backbone", True)]
+    groups = {key: [] for key in order}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (backbone if name.startswith("unit_base_model.backbone.") else rest).append(p)
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}]
-    if backbone:
-        groups.append({"params": backbone, "lr": lr_backbone, "weight_decay": weight_decay})
-    return groups
+        part = "backbone" if name.startswith("unit_base_model.backbone.") else "rest"
+        groups[(part, name in no_decay)].append(p)
+    return [{"params": groups[key], "lr": lr_backbone if key[0] == "backbone" else lr,
+             "weight_decay": 0.0 if key[1] else weight_decay} for key in order if groups[key]]
 
 
 class AdamWSkipParamsWithZeroGrad(torch.optim.AdamW):
@@ -57,13 +67,14 @@ class AdamWSkipParamsWithZeroGrad(torch.optim.AdamW):
         return loss
 
 
-def build_optimizer(model, lr, lr_backbone, weight_decay, eps=1e-8, name="adam_w"):
+def build_optimizer(model, lr, lr_backbone, weight_decay, eps=1e-8, name="adam_w", no_decay=()):
     """``name`` (``training.optimizer``): ``adam_w`` (torch's AdamW) or
-    ``adam_w_skip_params_with_zero_grad`` (``AdamWSkipParamsWithZeroGrad``)."""
+    ``adam_w_skip_params_with_zero_grad`` (``AdamWSkipParamsWithZeroGrad``); ``no_decay``: see
+    ``param_groups``."""
     if name not in OPTIMIZERS:
         raise ValueError(f"training.optimizer must be one of {OPTIMIZERS}, got {name!r}")
     cls = torch.optim.AdamW if name == "adam_w" else AdamWSkipParamsWithZeroGrad
-    return cls(param_groups(model, lr, lr_backbone, weight_decay), lr=lr, eps=eps)
+    return cls(param_groups(model, lr, lr_backbone, weight_decay, no_decay), lr=lr, eps=eps)
 
 
 def warmup_cosine(optimizer, warmup_steps, max_steps, warmup_factor=0.1):

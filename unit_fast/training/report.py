@@ -11,7 +11,10 @@ writes; other ranks hold a disabled ``RunLog``.  Every record has ``step`` and `
   ``eval``         ``metrics`` ``{dataset: {metric: value}}``
   ``epoch``        ``dataset``, ``epoch``, ``skipped_images`` (a dataset's stream finished an epoch)
   ``nan_skipped``  ``tasks``, ``message``
-  ``init_from``    ``path``, ``missing``, ``unexpected``, ``renamed``, ``dropped``
+  ``init_from``    ``path``, ``missing``, ``unexpected``, ``renamed``, ``dropped``, ``reinitialized``
+                  (head keys not loaded because their shapes differ: a new class count)
+  ``freeze``       ``frozen`` (parameters per ``training.freeze`` entry), ``frozen_total``,
+                  ``masked_rows``, ``trainable``, ``norms_in_eval``
   ``resume``       ``checkpoint`` (the file a resumed run continues from; ``step`` its step)
   ``skipped_records``  ``skipped_records`` ``{dataset: count}``: annotation records the readers
                    skipped (``data.on_error: skip``), written once at the start when any were

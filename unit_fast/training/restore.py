@@ -127,8 +127,12 @@ def checkpoint_config(checkpoint, config=None, overrides=()):
     """The config to rebuild the model with: ``load_config(config, overrides)`` when ``config``
     is given, else the trainer checkpoint's own config with ``overrides`` on top (validated by
     ``load_config`` exactly as a config file: unknown keys and bad overrides raise ValueError)."""
-    if config is not None:
-        return load_config(config, overrides)
+    if config is not None:  # a fresh config: fitted to the datasets it serves, as a new run's
+        from unit_fast.tasks import resolve_run_config
+
+        cfg = load_config(config, overrides)
+        resolve_run_config(cfg)
+        return cfg
     if checkpoint.kind != "trainer":
         raise ValueError(f"checkpoint {checkpoint.path!r} holds no unit_fast config (an MMF checkpoint?): "
                          "pass --config NAME|PATH with the model's config")

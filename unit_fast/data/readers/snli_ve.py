@@ -15,7 +15,24 @@ _LABELS = {name: i for i, name in enumerate(ENTAILMENT_LABELS)}  # entailment 0,
 
 
 @gc_paused()
-def read_snli_ve(jsonl_path, image_dir, *, on_error="raise", report=None):
+def jsonl_label_values(jsonl_path, label_field="gold_label"):
+    """The set of string values of ``label_field`` over a JSONL file's lines (unparsable lines
+    ignored: ``read_snli_ve`` reports them): an image-text dataset's labels when the config
+    names none."""
+    values = set()
+    with open_binary(os.fspath(jsonl_path)) as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get(label_field), str):
+                values.add(obj[label_field])
+    return values
+
+
+def read_snli_ve(jsonl_path, image_dir, *, label_map=None, fields=("Flikr30kID", "sentence2", "gold_label"),
+                 on_error="raise", report=None):
     """Read an SNLI-VE split.
 
     Args:
@@ -25,6 +42,11 @@ def read_snli_ve(jsonl_path, image_dir, *, on_error="raise", report=None):
             not a JSON object (a truncated last line included), or lacks a string ``Flikr30kID``
             / ``sentence2`` / ``gold_label``, or whose ``Flikr30kID`` is absolute or leaves
             ``image_dir`` (``readers.name_problem``).
+
+        label_map: ``{label string: class index}`` for another image-text classification set
+            (then a label outside it is malformed, except ``"-"``, dropped as SNLI's); None:
+            SNLI-VE's ``ENTAILMENT_LABELS``.
+        fields: the names of the image file, text and label fields (SNLI-VE's by default).
 
     Returns:
         ``list[EntailmentRecord]`` in file order; ``image_id`` = the file name without extension
@@ -37,6 +59,8 @@ def read_snli_ve(jsonl_path, image_dir, *, on_error="raise", report=None):
     """
     path, image_dir = os.fspath(jsonl_path), os.fspath(image_dir)
     report, skipped_before = start_report(report, on_error)
+    labels = _LABELS if label_map is None else label_map
+    image_key, text_key, label_key = fields
     records = []
     # Bytes, decoded line by line: a line that is not UTF-8 is one malformed record, named by number.
     with open_binary(path) as f:
@@ -53,25 +77,27 @@ def read_snli_ve(jsonl_path, image_dir, *, on_error="raise", report=None):
             except (ValueError, RecursionError) as exc:  # JSONDecodeError, the int() digit limit
                 report.bad(on_error, f"{path}:{lineno}: malformed JSON ({str(exc).splitlines()[0]})")
                 continue
-            fields = ("Flikr30kID", "sentence2", "gold_label")
             missing = [k for k in fields if not isinstance(obj, dict) or not isinstance(obj.get(k), str)]
             if missing:
                 report.bad(on_error, f"{path}:{lineno}: missing or non-string field(s) {missing}")
                 continue
-            label = _LABELS.get(obj["gold_label"])
+            label = labels.get(obj[label_key])
             if label is None:
+                if label_map is not None and obj[label_key] != "-":
+                    report.bad(on_error, f"{path}:{lineno}: unknown {label_key} {short(obj[label_key])}")
+                    continue
                 report.dropped["no_gold_label"] += 1
                 continue
-            file_name = obj["Flikr30kID"]
+            file_name = obj[image_key]
             problem = name_problem(file_name)
             if problem:
-                report.bad(on_error, f"{path}:{lineno}: Flikr30kID {short(file_name)} {problem}")
+                report.bad(on_error, f"{path}:{lineno}: {image_key} {short(file_name)} {problem}")
                 continue
             records.append(
                 EntailmentRecord(
                     image_path=os.path.join(image_dir, file_name),
                     image_id=os.path.splitext(file_name)[0],
-                    hypothesis=obj["sentence2"],
+                    hypothesis=obj[text_key],
                     label=label,
                 )
             )

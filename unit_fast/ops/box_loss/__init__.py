@@ -2,11 +2,10 @@
 
 Public:
   ``box_loss(src_boxes, target_boxes, num_boxes, backend=None)`` -> ``(loss_bbox, loss_giou)``
-  ``BoxLoss(backend=None)``: the same as a module
   ``box_loss_ref(src_boxes, target_boxes, num_boxes)``: the spec (DETR ``loss_boxes``)
+  ``BoxLoss(backend=None)``: the module, defined in ``unit_fast.nn.box_loss`` (drop-in modules
+  live in ``nn/``) and importable from here as before.
 """
-
-from torch import nn
 
 from unit_fast.ops.box_loss.op import box_loss
 from unit_fast.ops.box_loss.reference import box_loss_ref
@@ -14,16 +13,11 @@ from unit_fast.ops.box_loss.reference import box_loss_ref
 __all__ = ["BoxLoss", "box_loss", "box_loss_ref"]
 
 
-class BoxLoss(nn.Module):
-    """``box_loss`` as a module: ``forward(src_boxes (N, 4), target_boxes (N, 4), num_boxes)``
-    -> ``(loss_bbox, loss_giou)`` 0-d tensors, cxcywh boxes (see ``box_loss``)."""
+def __getattr__(name):
+    # Resolved on first use, not at import: unit_fast.nn imports this package, so importing nn
+    # here would be a cycle whenever this package loads first.
+    if name == "BoxLoss":
+        from unit_fast.nn.box_loss import BoxLoss
 
-    def __init__(self, backend=None):
-        super().__init__()
-        self.backend = backend
-
-    def forward(self, src_boxes, target_boxes, num_boxes):
-        return box_loss(src_boxes, target_boxes, num_boxes, backend=self.backend)
-
-    def extra_repr(self):
-        return f"backend={self.backend!r}"
+        return BoxLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

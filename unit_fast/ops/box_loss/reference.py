@@ -12,47 +12,18 @@ Changes:
     same values, and autograd's ``prod`` backward holds a host sync (it counts zeros);
   - both boxes are cast to the compute dtype (float32, or float64 when an input is float64),
     where MMF casts only the predictions.
+The box conversion and the paired GIoU are ``unit_fast.ops.boxes``, shared by every reference.
 """
 
 import torch
 import torch.nn.functional as F
 
+from unit_fast.ops.boxes import box_cxcywh_to_xyxy, paired_generalized_box_iou
+
 
 def compute_dtype(src_boxes, target_boxes):
     """float64 if either input is float64, else float32 (MMF's ``.float()``)."""
     return torch.promote_types(torch.promote_types(src_boxes.dtype, target_boxes.dtype), torch.float32)
-
-
-def box_cxcywh_to_xyxy(x):
-    """DETR ``util/box_ops.box_cxcywh_to_xyxy``: ``(..., 4)`` cxcywh -> ``(..., 4)`` xyxy."""
-    x_c, y_c, w, h = x.unbind(-1)
-    b = [(x_c - 0.5 * w), (y_c - 0.5 * h), (x_c + 0.5 * w), (y_c + 0.5 * h)]
-    return torch.stack(b, dim=-1)
-
-
-def paired_generalized_box_iou(boxes1, boxes2):
-    """``torch.diag(generalized_box_iou(boxes1, boxes2))`` of DETR, one pair per row.
-
-    Args:
-        boxes1, boxes2: ``(N, 4)`` xyxy boxes of one floating dtype.
-
-    Returns:
-        ``(N,)`` GIoU of ``boxes1[i]`` with ``boxes2[i]``, in ``[-1, 1]`` for proper boxes.
-        NaN where the union is 0 (both boxes have zero area: ``0 / 0``).
-    """
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])  # [N]
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])  # [N]
-    lt = torch.max(boxes1[:, :2], boxes2[:, :2])  # [N, 2]
-    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])  # [N, 2]
-    wh = (rb - lt).clamp(min=0)  # [N, 2]
-    inter = wh[:, 0] * wh[:, 1]  # [N]
-    union = area1 + area2 - inter
-    iou = inter / union
-    lt = torch.min(boxes1[:, :2], boxes2[:, :2])  # [N, 2]
-    rb = torch.max(boxes1[:, 2:], boxes2[:, 2:])  # [N, 2]
-    wh = (rb - lt).clamp(min=0)  # [N, 2]
-    area = wh[:, 0] * wh[:, 1]  # [N]: the smallest enclosing box
-    return iou - (area - union) / area
 
 
 def box_loss_ref(src_boxes, target_boxes, num_boxes):

@@ -3,7 +3,9 @@
 Public:
   ``batched_linear_sum_assignment(cost, num_cols=None, maximize=False)`` -> ``(B, N)`` int64
   ``linear_sum_assignment(cost_matrix, maximize=False)`` -> scipy's ``(row_ind, col_ind)``
-  ``HungarianMatcher(cost_class=1, cost_bbox=1, cost_giou=1, logsoftmax=False)``
+  ``HungarianMatcher(cost_class=1, cost_bbox=1, cost_giou=1, logsoftmax=False)``: the module,
+  defined in ``unit_fast.nn.hungarian_matcher`` (drop-in modules live in ``nn/``) and importable
+  from here (and from ``unit_fast.ops.hungarian_match.matcher``) as before.
 """
 
 from collections.abc import Sequence
@@ -172,4 +174,15 @@ def linear_sum_assignment(cost_matrix, maximize=False):
     return rows.numpy(), cols.numpy()
 
 
-from unit_fast.ops.hungarian_match.matcher import HungarianMatcher  # noqa: E402
+def __getattr__(name):
+    # HungarianMatcher is a drop-in module and lives in unit_fast.nn, which imports this package:
+    # resolved on first use, so that importing the op never imports nn (no cycle either way).
+    if name == "HungarianMatcher":
+        from unit_fast.nn.hungarian_matcher import HungarianMatcher
+
+        return HungarianMatcher
+    if name == "matcher":  # the old submodule, an alias of unit_fast.nn.hungarian_matcher
+        import importlib
+
+        return importlib.import_module(f"{__name__}.matcher")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,6 +12,8 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from unit_fast.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
+
 # Codes written over a whole problem's row of the result (see csrc/ops/hungarian_match.h).
 UNASSIGNED = -1
 INVALID = -2  # NaN or -inf among the costs (after the maximize sign flip), or bad num_cols
@@ -50,24 +52,9 @@ def hungarian_match_ref(cost, num_cols=None, maximize=False, scipy_ties=False):
     return torch.from_numpy(out).to(cost.device)
 
 
-def _box_cxcywh_to_xyxy(x):
-    cx, cy, w, h = x.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
-def _generalized_box_iou(boxes1, boxes2):
-    """DETR ``util/box_ops.generalized_box_iou`` for xyxy boxes ``[N,4]``, ``[M,4]`` -> ``[N,M]``."""
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    lt = torch.max(boxes1[:, None, :2], boxes2[:, :2])
-    rb = torch.min(boxes1[:, None, 2:], boxes2[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area1[:, None] + area2 - inter
-    iou = inter / union
-    lt = torch.min(boxes1[:, None, :2], boxes2[:, :2])
-    rb = torch.max(boxes1[:, None, 2:], boxes2[:, 2:])
-    area = (rb - lt).clamp(min=0).prod(-1)
-    return iou - (area - union) / area
+# The old private names: tests/ops/test_matching_cost.py and benchmarks/bench_matching_cost.py
+# build DETR's cross-image cost with them.
+_box_cxcywh_to_xyxy, _generalized_box_iou = box_cxcywh_to_xyxy, generalized_box_iou
 
 
 @torch.no_grad()
@@ -91,9 +78,10 @@ def hungarian_matcher_ref(outputs, targets, cost_class=1.0, cost_bbox=1.0, cost_
     tgt_bbox = torch.cat([v["boxes"] for v in targets])  # [sum T, 4]
     c_class = -out_prob[:, tgt_ids]
     c_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
-    c_giou = -_generalized_box_iou(_box_cxcywh_to_xyxy(out_bbox.float()), _box_cxcywh_to_xyxy(tgt_bbox))
+    c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox.float()), box_cxcywh_to_xyxy(tgt_bbox))
     C = cost_bbox * c_bbox + cost_class * c_class + cost_giou * c_giou
     C = C.view(bs, num_queries, -1).cpu()  # host sync
     sizes = [len(v["boxes"]) for v in targets]
     indices = [scipy.optimize.linear_sum_assignment(c[i]) for i, c in enumerate(C.split(sizes, -1))]
-    return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+    return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+            for i, j in indices]

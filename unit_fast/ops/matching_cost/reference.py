@@ -3,30 +3,14 @@
 DETR (``models/matcher.py::HungarianMatcher.forward``) and MMF UniT build one cross-image
 ``(B*Q, sum T)`` cost with ``torch.cdist(p=1)`` and keep only its per-image diagonal blocks.
 This computes just those blocks, padded: ``(B, Q, max T)`` (or ``(L, B, Q, max T)`` for L
-decoder layers at once), with ``+inf`` in the padding columns.  Plain torch, kept readable;
-it supports autograd (the kernels do not: the matcher runs under ``torch.no_grad()``).
+decoder layers at once), with ``+inf`` in the padding columns.  Plain torch, kept readable
+(the box math is ``unit_fast.ops.boxes``); it supports autograd (the kernels do not: the
+matcher runs under ``torch.no_grad()``).
 """
 
 import torch
 
-
-def _cxcywh_to_xyxy(x):
-    cx, cy, w, h = x.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
-def _pairwise_giou(a, b):
-    """GIoU of xyxy boxes ``a (..., Q, 4)`` against ``b (..., T, 4)`` -> ``(..., Q, T)``.
-
-    DETR ``util/box_ops.generalized_box_iou``, batched over the leading dimensions.
-    """
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # [..., Q]
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # [..., T]
-    a4, b4 = a[..., :, None, :], b[..., None, :, :]  # [..., Q, 1, 4], [..., 1, T, 4]
-    inter = (torch.min(a4[..., 2:], b4[..., 2:]) - torch.max(a4[..., :2], b4[..., :2])).clamp(min=0).prod(-1)
-    union = area_a[..., :, None] + area_b[..., None, :] - inter  # [..., Q, T]
-    hull = (torch.max(a4[..., 2:], b4[..., 2:]) - torch.min(a4[..., :2], b4[..., :2])).clamp(min=0).prod(-1)
-    return inter / union - (hull - union) / hull
+from unit_fast.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 
 def matching_cost_ref(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, cost_class, cost_bbox,
@@ -71,6 +55,6 @@ def matching_cost_ref(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_target
     pb, tb = pred_boxes.float(), tgt_boxes.float()
     # L1 as a broadcast difference: torch.cdist(p=1) is slow and cross-image.
     c_bbox = (pb[..., :, None, :] - tb[:, None, :, :]).abs().sum(-1)  # [..., B, Q, T]
-    c_giou = -_pairwise_giou(_cxcywh_to_xyxy(pb), _cxcywh_to_xyxy(tb))  # [..., B, Q, T]
+    c_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pb), box_cxcywh_to_xyxy(tb))  # [..., B, Q, T]
     cost = cost_bbox * c_bbox + cost_class * c_class + cost_giou * c_giou
     return torch.where(valid[:, None, :], cost, float("inf"))
