@@ -144,6 +144,6 @@ def test_add_task_exports_and_errors():
         unit_fast.add_task(model, "x", "vqa", num_labels=3, num_queries=0)
     with pytest.raises(ValueError, match="already serves 'glue_sst2'"):
         unit_fast.add_task(model, "glue_sst2", "text_classification", num_labels=2)
-    new = unit_fast.tasks.add_task(model, "x", unit_fast.tasks.task_kind("vqa"), num_labels=4, num_queries=2)
+    new = unit_fast.add_task(model, "x", unit_fast.tasks.task_kind("vqa"), num_labels=4, num_queries=2)
     assert "classifiers.vl.x.1.weight" in new and "task_tokens_lang.x.weight" in new
     assert model.unit_base_model.num_queries["vl"]["x"] == 2 and model.heads["vl"]["x"]["task_token"] == "own"

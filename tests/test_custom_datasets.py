@@ -21,7 +21,8 @@ CPU_SIZED = {
                                             "glue": {"reviews": 3}}},
               "bert": {"config": {"intermediate_size": 64}}},
     "training": {"batch_size": 2, "warmup_steps": 1, "max_updates": 2, "log_every": 1, "eval_every": 0,
-                 "device": "cpu", "sampling": {"widgets": 0.25, "quiz": 0.25, "scenes": 0.25, "reviews": 0.25}},
+                 "device": "cpu", "sampling": {"widgets": 0.25, "quiz": 0.25, "scenes": 0.25, "reviews": 0.25},
+                 "targets": {"widgets": 0.0, "reviews": 2.0}},
     "data": {"decoder": "pil", "image_sizes": {"train_scales": [64], "max_size": 96, "test_size": 64,
                                                "crop_scales": [64], "crop_size": [48, 64]}},
 }
@@ -85,6 +86,10 @@ def test_custom_datasets_train_evaluate_predict(root, tmp_path):
     # The declared set wins over default's five datasets.
     assert list(final["metrics"]) == ["widgets", "quiz", "scenes", "reviews"]
     assert set(final["metrics"]["widgets"]) >= {"AP", "AP50"} and "accuracy" in final["metrics"]["reviews"]
+    # The targets table: by each dataset's headline metric (AP50 >= 0 always; accuracy >= 2 never).
+    assert final["targets_met"] == {"widgets": True, "reviews": False}
+    assert any(line.split()[:2] == ["reviews", "accuracy"] and line.split()[-1] == "NO"
+               for line in proc.stdout.splitlines()), proc.stdout
     ckpt = out / "checkpoints" / "checkpoint_00000002.pt"
     state = __import__("torch").load(ckpt, weights_only=True)
     keys = state["model"].keys()
@@ -130,7 +135,7 @@ def test_declared_set_replaces_the_base_configs_datasets(root, tmp_path):
     nq = cfg["model"]["base_args"]["num_queries"]
     assert nq == {"detection": {"widgets": 5}, "vl": {"quiz": 3, "scenes": 3}, "glue": {"reviews": 3}}
     assert set(cfg["training"]["sampling"]) == {"widgets", "quiz", "scenes", "reviews"}
-    assert cfg["training"]["targets"] == {}  # default's targets are for its own datasets
+    assert cfg["training"]["targets"] == {"widgets": 0.0, "reviews": 2.0}  # default's five are dropped
     heads = cfg["model"]["heads"]
     assert heads["glue"]["reviews"]["kind"] == "text_classification"
     assert heads["detection"]["widgets"]["task_token"] == "own"  # no MMF task index to collide with

@@ -25,6 +25,8 @@ _LAZY = {
     "load_mmf_checkpoint": "unit_fast.models.checkpoint",
     "save_mmf_checkpoint": "unit_fast.models.checkpoint",
     "load_config": "unit_fast.config",
+    "TaskKind": "unit_fast.tasks",
+    "register_task_kind": "unit_fast.tasks",
 }
 
 
@@ -42,6 +44,7 @@ __all__ = [
     "BoxLoss",
     "HungarianMatcher",
     "MultiheadAttention",
+    "TaskKind",
     "UniT",
     "add_task",
     "attention",
@@ -54,5 +57,6 @@ __all__ = [
     "matching_cost",
     "pairwise_giou",
     "patch_attention",
+    "register_task_kind",
     "save_mmf_checkpoint",
 ]

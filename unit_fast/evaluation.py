@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from unit_fast.data.readers.vqa2 import normalize_answer, soft_score
-from unit_fast.models.postprocess import PostProcess
+from unit_fast.postprocess import PostProcess
 
 NAN = float("nan")
 

@@ -2,8 +2,8 @@
 
 ``KINDS``: the table, ``{name: TaskKind}``; ``register_task_kind(kind)`` adds one;
 ``BUILTIN_DATASETS``: UniT's 8 datasets as rows; ``resolve_run_config(cfg)``: the datasets a
-config serves, its model config fitted to them; ``add_task(model, name, kind, ...)``: a new
-dataset's queries, token and head on a trained UniT.
+config serves, its model config fitted to them.  (``unit_fast.add_task`` adds a dataset of a
+kind to a trained UniT: ``models/add_task.py``.)
 """
 
 from unit_fast.tasks.kind import KINDS, ReadContext, TaskKind, register_task_kind, task_kind  # noqa: I001
@@ -11,7 +11,7 @@ from unit_fast.tasks import detection, image_text, text, vqa  # noqa: F401  (reg
 from unit_fast.tasks.builtin import BUILTIN_DATASETS
 from unit_fast.tasks.resolve import dataset_spec, kind_of_dataset, resolve_run_config, served_datasets
 
-__all__ = ["BUILTIN_DATASETS", "KINDS", "ReadContext", "TaskKind", "add_task", "dataset_spec", "kind_of_dataset",
+__all__ = ["BUILTIN_DATASETS", "KINDS", "ReadContext", "TaskKind", "dataset_spec", "kind_of_dataset",
            "model_kind", "register_task_kind", "resolve_run_config", "served_datasets", "task_kind"]
 
 _DEFAULT_KIND = {"detection": "detection", "vl": "image_text_classification", "glue": "text_classification"}
@@ -24,8 +24,3 @@ def model_kind(ds, model_task, head):
     name = (head or {}).get("kind") or BUILTIN_DATASETS.get(ds, {}).get("kind") or _DEFAULT_KIND[model_task]
     return task_kind(name, f"model.heads.{model_task}.{ds}.kind")
 
-
-def add_task(model, name, kind, **head_args):
-    from unit_fast.models.add_task import add_task as _add_task
-
-    return _add_task(model, name, kind, **head_args)

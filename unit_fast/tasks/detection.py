@@ -93,7 +93,7 @@ class DetectionKind(TaskKind):
     def predict_result(self, ds, out, entry, head, size, options):
         """Queries scoring at least ``options["threshold"]``, best first: ``{"label": raw category
         id, "name", "score": softmax probability, "box": [x0, y0, x1, y1] original-image pixels}``."""
-        from unit_fast.models.postprocess import PostProcess
+        from unit_fast.postprocess import PostProcess
 
         threshold = options.get("threshold", 0.5)
         names = {c["id"]: c["name"] for c in entry.get("categories") or []}
