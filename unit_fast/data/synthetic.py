@@ -118,6 +118,11 @@ VG_NO_ATTRIBUTES = 0.1  # fraction of boxes annotated with no attribute at all, 
 VG_WHITE = 245  # the stripes' white, brighter than any background (<= ~215 with tint and noise)
 
 
+
+# The layout the generator writes; a cache folder is named by it (training/data.py), so a folder
+# written by an older generator (without Visual Genome, MNLI, QQP: version 1) is not reused.
+FORMAT_VERSION = 2
+
 def _dump_json(obj, path: Path) -> None:
     # Sorted keys and fixed separators: byte-identical output for the same content.
     path.write_text(json.dumps(obj, sort_keys=True, separators=(",", ":")), encoding="utf-8")

@@ -50,10 +50,10 @@ class RunData:
 
 def synthetic_root(data_cfg):
     """Generate (once) and return the synthetic dataset's folder for this config."""
-    from unit_fast.data.synthetic import generate
+    from unit_fast.data.synthetic import FORMAT_VERSION, generate
 
     s = data_cfg["synthetic"]
-    name = f"synthetic-s{s['seed']}-n{s['num_train']}-{s['num_val']}-px{s['image_size']}"
+    name = f"synthetic-v{FORMAT_VERSION}-s{s['seed']}-n{s['num_train']}-{s['num_val']}-px{s['image_size']}"
     root = os.path.join(os.path.expanduser(data_cfg["cache_dir"]), name)
     done = os.path.join(root, ".complete")
     if not os.path.exists(done):
