@@ -46,11 +46,13 @@ from unit_fast.training import checkpoint as ckpt
 from unit_fast.training.batches import resolve_device, to_device
 from unit_fast.training.evaluation_loop import chance_levels, evaluate_datasets, format_table, targets_met
 from unit_fast.training.loader import UpdateLoader
+from unit_fast.training.loss_weighting import build_loss_weighting
+from unit_fast.training.loss_weighting import check_options as check_loss_weighting
 from unit_fast.training.metadata import run_metadata
 from unit_fast.training.optim import build_optimizer, warmup_cosine
 from unit_fast.training.report import RunLog, plot_log
 from unit_fast.training.resume import LATEST, RUNS, find_resume, newest_run, resume_command, run_folder_of
-from unit_fast.training.sampling import TaskSampler, task_probabilities
+from unit_fast.training.sampling import base_probabilities, build_sampler
 from unit_fast.training.skips import SkippedImages
 from unit_fast.training.stopping import GracefulStop
 from unit_fast.training.streams import BatchStream
@@ -109,6 +111,7 @@ def _check_options(cfg):
     if not isinstance(t["eval_every"], int) or t["eval_every"] < 0:
         raise UsageError(f"training.eval_every must be an integer >= 0 (0: no periodic evaluation), "
                          f"got {t['eval_every']!r}")
+    check_loss_weighting(t)  # a ValueError naming the key
     implementation = cfg["model"]["implementation"]
     if implementation not in ("fast", "reference"):
         raise UsageError(f"model.implementation must be fast or reference, got {implementation!r}")
@@ -194,13 +197,14 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t["lr"], lr_backbone, t["weight_decay"], t["eps"],
                                          name=t["optimizer"],
                                          no_decay=freeze_report.no_decay if freeze_report is not None else ())
+        # training.loss_weighting; uncertainty's s_t are one more group, added before the schedule
+        # is built so that they follow its warmup-cosine factor too.
+        self.weighting = build_loss_weighting(t, self._trained_datasets(), self.device, self.distributed)
+        if self.weighting.param_group() is not None:
+            self.optimizer.add_param_group(self.weighting.param_group())
         self.scheduler = warmup_cosine(self.optimizer, t["warmup_steps"], t["max_updates"])
         sizes = {ds: len(d) for ds, d in self.data.train.items()}
-        mode = t["sampling_mode"]
-        if mode == "ratios" and not t["sampling"]:
-            mode = "proportional"  # MMF's fallback when a config has no multitasking ratios
-        probabilities = task_probabilities(sizes, mode, t["sampling"], t["temperature"])
-        self.sampler = TaskSampler(probabilities, seed=t["seed"])
+        self.sampler = build_sampler(sizes, t)
         self.streams = {ds: BatchStream(d, ds, t["batch_size"], seed=t["seed"], rank=self.rank,
                                         world_size=self.world,
                                         aspect_ratio_bins=data_cfg["aspect_ratio_bins"])
@@ -269,9 +273,7 @@ class Trainer:
         """The datasets this run trains: those the sampler can draw (probability > 0)."""
         t = self.cfg["training"]
         sizes = {ds: len(d) for ds, d in self.data.train.items()}
-        mode = "proportional" if t["sampling_mode"] == "ratios" and not t["sampling"] else t["sampling_mode"]
-        probabilities = task_probabilities(sizes, mode, t["sampling"], t["temperature"])
-        return [ds for ds, p in probabilities.items() if p > 0]
+        return [ds for ds, p in base_probabilities(sizes, t).items() if p > 0]
 
     def _freeze(self, entries):
         """``training.freeze`` (``training/freeze.py``; ``shared`` keeps the datasets the sampler
@@ -295,7 +297,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
                 "streams": {k: s.state_dict() for k, s in self.streams.items()}, "step": self.step,
                 "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images.state_dict(),
-                "rng": ckpt.rng_state(), "config": self.cfg,
+                "rng": ckpt.rng_state(), "config": self.cfg, "loss_weighting": self.weighting.state_dict(),
                 "meta": run_metadata(self.cfg, self.data)}
 
     def save(self):
@@ -305,6 +307,10 @@ class Trainer:
 
     def _load(self, path, state):
         """Continue from the checkpoint ``state`` (read from ``path``)."""
+        try:  # a checkpoint from before training.loss_weighting trained with fixed weights
+            self.weighting.load_state_dict(state.get("loss_weighting", {"method": "fixed"}))
+        except ValueError as exc:
+            raise UsageError(f"--resume: {path}: {_one_line(exc)}") from None
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -339,7 +345,8 @@ class Trainer:
 
     def train_step(self):
         """One optimizer update: ``tasks_per_step`` tasks x ``accumulate`` micro-batches; the
-        gradient is that of the mean micro-batch loss.  Returns ``(tasks, stats)``: the task names
+        gradient is that of the mean micro-batch loss, each weighted by ``training.loss_weighting``
+        (``stats`` hold the unweighted losses).  Returns ``(tasks, stats)``: the task names
         drawn and ``{"loss": (), "task_loss": {ds: ()}, "losses": {key: ()}}`` of detached
         tensors (``loss`` averaged over ranks), or ``(tasks, None)`` for a step skipped by the
         NaN policy."""
@@ -347,6 +354,7 @@ class Trainer:
         model = self.ddp or self.model
         model.train()
         tasks, micro = self.loader.next_update()
+        self.weighting.start(self.step + 1)
         n = len(micro)
         total = 0.0
         task_sum, task_count, term_sum, term_count = {}, {}, {}, {}
@@ -359,12 +367,13 @@ class Trainer:
             with nullcontext() if sync else self.ddp.no_sync():
                 losses = model(batch)["losses"]
                 loss = sum(losses.values())
-                (loss / n).backward()
+                (self.weighting.weigh(ds, loss) / n).backward()  # fixed: loss itself
             loss = loss.detach()
             total = total + loss / n
             task_sum[ds], task_count[ds] = task_sum.get(ds, 0.0) + loss, task_count.get(ds, 0) + 1
             for k, v in losses.items():
                 term_sum[k], term_count[k] = term_sum.get(k, 0.0) + v.detach(), term_count.get(k, 0) + 1
+        self.weighting.sync_grads()  # DDP: uncertainty's s_t are outside the DDP-wrapped model
         if self.distributed:  # every rank must take the same decision below: skip or step
             # The stop request (SIGINT / SIGTERM on any rank) rides on the same all-reduce, so
             # stopping costs no collective or host sync of its own (``_stop_requested``).
@@ -387,7 +396,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return tasks, {"loss": total, "task_loss": {ds: task_sum[ds] / task_count[ds] for ds in task_sum},
+        task_loss = {ds: task_sum[ds] / task_count[ds] for ds in task_sum}
+        self.weighting.observe(task_loss)  # dwa's loss history; after the NaN check's host sync
+        return tasks, {"loss": total, "task_loss": task_loss,
                        "losses": {k: term_sum[k] / term_count[k] for k in term_sum}}
 
     def _stop_requested(self, stop):
@@ -424,6 +435,8 @@ class Trainer:
                                   "task_loss": {k: float(v) for k, v in stats["task_loss"].items()},
                                   "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate,
                                   "losses": {k: float(v) for k, v in stats["losses"].items()}}
+                        if self.weighting.method != "fixed":  # the default run's records stay as they were
+                            record["loss_weights"] = self.weighting.weights()
                         self.log.write(record)
                         since, samples = time.perf_counter(), 0
                         if bar is not None:

@@ -2,18 +2,25 @@
 
 ``ratios``: MMF's ``RatiosIterationStrategy``: dataset ``d`` with probability ``ratio[d]``;
 ``proportional``: proportional to dataset size (MMF's default ``size_proportional``);
-``temperature``: proportional to ``size ** (1 / T)`` (T = 1 is proportional, large T uniform).
+``temperature``: proportional to ``size ** (1 / T)`` (T = 1 is proportional, large T uniform);
+``uniform``: every dataset alike;
+``round_robin``: the datasets in turn, in config order (no randomness; uniform in the long run);
+``annealed``: proportional to ``size ** alpha`` with ``alpha`` falling linearly over training from
+``training.anneal.start`` to ``training.anneal.end`` (Stickland & Murray 2019, "BERT and PALs":
+from proportional towards uniform, so small tasks get more of the late steps).
 Every rank draws from the same seeded generator, so all ranks run the same task in a step
 (MMF broadcasts rank 0's choice; a shared seed gives the same sequence with no communication).
 """
 
 import numpy as np
 
-MODES = ("ratios", "proportional", "temperature")
+MODES = ("ratios", "proportional", "temperature", "uniform", "round_robin", "annealed")
 
 
-def task_probabilities(sizes, mode="proportional", ratios=None, temperature=1.0):
-    """``{dataset: probability}`` over ``sizes`` (``{dataset: number of samples}``)."""
+def task_probabilities(sizes, mode="proportional", ratios=None, temperature=1.0, alpha=1.0):
+    """``{dataset: probability}`` over ``sizes`` (``{dataset: number of samples}``); for
+    ``annealed``, the distribution at exponent ``alpha``; for ``round_robin``, its long-run
+    (uniform) share."""
     names = list(sizes)
     if mode == "ratios":
         if not ratios:
@@ -28,27 +35,93 @@ def task_probabilities(sizes, mode="proportional", ratios=None, temperature=1.0)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         w = np.array([float(sizes[n]) for n in names]) ** (1.0 / temperature)
+    elif mode in ("uniform", "round_robin"):
+        w = np.ones(len(names))
+    elif mode == "annealed":
+        w = np.array([float(sizes[n]) for n in names]) ** float(alpha)
     else:
-        raise ValueError(f"unknown sampling mode {mode!r}; expected one of {MODES}")
+        raise ValueError(f"training.sampling_mode must be one of {', '.join(MODES)}, got {mode!r}")
     if (w < 0).any() or w.sum() <= 0:
         weights = dict(zip(names, w.tolist(), strict=True))
         raise ValueError(f"sampling weights must be >= 0 with a positive sum, got {weights}")
     return dict(zip(names, (w / w.sum()).tolist(), strict=True))
 
 
-class TaskSampler:
-    """Seeded sequence of dataset names; ``state_dict`` / ``load_state_dict`` for exact resume."""
+def _anneal(t):
+    """``(start, end)`` of ``training.anneal``; a one-line error naming the key otherwise."""
+    a = t.get("anneal") or {}
+    start, end = a.get("start"), a.get("end")
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v for v in (start, end))
+    if not ok or set(a) - {"start", "end"}:
+        raise ValueError(f"training.anneal must be {{start: >= 0, end: >= 0}} (the size exponent at the first "
+                         f"and the last update), got {a!r}")
+    return float(start), float(end)
 
-    def __init__(self, probabilities, seed=0):
+
+def base_probabilities(sizes, t):
+    """``{dataset: probability}`` of the ``training`` section ``t`` at the first update (MMF's
+    fallback: ``ratios`` without ratios is ``proportional``)."""
+    mode = t["sampling_mode"]
+    if mode == "ratios" and not t["sampling"]:
+        mode = "proportional"  # MMF's fallback when a config has no multitasking ratios
+    alpha = _anneal(t)[0] if mode == "annealed" else 1.0
+    return task_probabilities(sizes, mode, t["sampling"], t["temperature"], alpha)
+
+
+def build_sampler(sizes, t):
+    """The run's ``TaskSampler`` from the ``training`` section ``t`` and ``sizes``."""
+    probabilities = base_probabilities(sizes, t)
+    mode = t["sampling_mode"]
+    schedule = None
+    if mode == "annealed":
+        start, end = _anneal(t)
+        schedule = AnnealedSchedule(sizes, start, end, t["max_updates"] * t["tasks_per_step"])
+    return TaskSampler(probabilities, seed=t["seed"], round_robin=mode == "round_robin", schedule=schedule)
+
+
+class AnnealedSchedule:
+    """``p(draw)``: ``size ** alpha`` normalised, ``alpha`` linear from ``start`` (draw 0) to
+    ``end`` (draw ``total``, and after)."""
+
+    def __init__(self, sizes, start, end, total):
+        self.sizes = np.array([float(v) for v in sizes.values()])
+        self.start, self.end, self.total = start, end, max(1, int(total))
+
+    def alpha(self, draw):
+        return self.start + (self.end - self.start) * min(1.0, draw / self.total)
+
+    def __call__(self, draw):
+        w = self.sizes ** self.alpha(draw)
+        return w / w.sum()
+
+
+class TaskSampler:
+    """Seeded sequence of dataset names; ``state_dict`` / ``load_state_dict`` for exact resume.
+
+    ``probabilities``: ``{dataset: p}``; ``round_robin``: the names in turn instead (no
+    randomness); ``schedule``: a callable ``draw index -> (N,) probabilities`` that replaces
+    ``probabilities`` draw by draw (``AnnealedSchedule``)."""
+
+    def __init__(self, probabilities, seed=0, *, round_robin=False, schedule=None):
         self.names = list(probabilities)
         self.p = np.array([probabilities[n] for n in self.names])
         self.seed = seed
+        self.round_robin, self.schedule = round_robin, schedule
         self.draws = 0
         self._rng = np.random.default_rng(seed)
 
+    def probabilities(self):
+        """``{dataset: p}`` of the next draw (round robin: the long-run share)."""
+        p = self.schedule(self.draws) if self.schedule is not None else self.p
+        return dict(zip(self.names, p.tolist(), strict=True))
+
     def __next__(self):
+        draw = self.draws
         self.draws += 1
-        return self.names[int(self._rng.choice(len(self.names), p=self.p))]
+        if self.round_robin:
+            return self.names[draw % len(self.names)]
+        p = self.schedule(draw) if self.schedule is not None else self.p
+        return self.names[int(self._rng.choice(len(self.names), p=p))]
 
     def state_dict(self):
         return {"seed": self.seed, "draws": self.draws, "bit_generator": self._rng.bit_generator.state}
