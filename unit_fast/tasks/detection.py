@@ -2,6 +2,7 @@
 ``attribute_ids``), DETR's heads and set loss, COCO AP."""
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -66,6 +67,16 @@ class DetectionKind(TaskKind):
         elif head["num_classes"] < needed:
             raise ValueError(f"model.heads.detection.{ds}.num_classes={head['num_classes']} cannot hold "
                              f"data.datasets.{ds}'s category ids (largest {needed - 1}): set it to {needed}")
+
+    def uncertainty(self, out, head, top_m=10):
+        """``(B,)``: the mean class entropy (softmax over the C + 1 classes, / log(C + 1)) of the
+        ``top_m`` queries with the highest object score (1 - p(no-object)), so the many
+        no-object queries of an image do not swamp it."""
+        log_p = out["pred_logits"].float().log_softmax(-1)  # (B, Q, C + 1)
+        entropy = -(log_p.exp() * log_p).sum(-1) / math.log(log_p.shape[-1])  # (B, Q)
+        objectness = 1 - log_p[..., -1].exp()
+        top = objectness.topk(min(top_m, objectness.shape[1]), dim=1).indices  # (B, m)
+        return entropy.gather(1, top).mean(1)
 
     def evaluator(self, ds, dataset, info):
         from unit_fast.evaluation import DetectionEvaluator

@@ -19,11 +19,24 @@ Datasets are rows that *use* a kind (``unit_fast.tasks.builtin`` for UniT's 8; a
 ``register_task_kind(kind)`` adds a kind from user code.
 """
 
+import math
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 
 KINDS = {}
+
+
+def _entropy(log_p):
+    """``(...)`` entropy (nats) of the distributions ``exp(log_p)`` over the last dimension."""
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def _binary_entropy(p):
+    """Elementwise binary entropy (nats) of probabilities ``p``; 0 at 0 and 1."""
+    q = p.clamp(1e-12, 1 - 1e-12)
+    return torch.where((p > 0) & (p < 1), -(q * q.log() + (1 - q) * (1 - q).log()), torch.zeros_like(p))
 
 
 @dataclass
@@ -86,6 +99,15 @@ class TaskKind:
     def probabilities(self, logits, head):
         """``(num_labels,)`` probabilities of one prediction: sigmoid for BCE heads, softmax else."""
         return logits.sigmoid() if head.get("loss_type", "ce") == "bce" else logits.softmax(-1)
+
+    def uncertainty(self, out, head):
+        """``(B,)`` normalised uncertainty in [0, 1] of a batch's predictions (task sampling by
+        uncertainty, CA-MTL): the entropy of the softmax over the labels / log C for CE heads;
+        for BCE heads, the mean binary entropy of the labels / log 2."""
+        scores = out["scores"].float()  # (B, C)
+        if head.get("loss_type", "ce") == "bce":
+            return _binary_entropy(scores.sigmoid()).mean(-1) / math.log(2.0)
+        return _entropy(scores.log_softmax(-1)) / math.log(max(2, scores.shape[-1]))
 
     # -- evaluation ----------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
 """The ``vqa`` task kind: VQAv2's question and annotation files, a soft-score answer head
 trained with MMF's ``logit_bce``, the official VQA accuracy."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,14 @@ class VQAKind(TaskKind):
 
     def probabilities(self, logits, head):
         return logits.sigmoid()  # trained with BCE: independent answer scores
+
+    def uncertainty(self, out, head):
+        """``(B,)``: the entropy of the answer scores normalised to a distribution (sigmoid
+        scores over their sum), / log A: 0 when one answer holds all the mass, 1 when all are
+        alike."""
+        s = out["scores"].float().sigmoid()  # (B, A)
+        q = s / s.sum(-1, keepdim=True)
+        return -(q * q.clamp_min(1e-12).log()).sum(-1) / math.log(max(2, s.shape[-1]))
 
     def evaluator(self, ds, dataset, info):
         from unit_fast.evaluation import VQAEvaluator

@@ -47,6 +47,24 @@ def task_probabilities(sizes, mode="proportional", ratios=None, temperature=1.0,
     return dict(zip(names, (w / w.sum()).tolist(), strict=True))
 
 
+def uncertainty_probabilities(base, uncertainty, lam):
+    """CA-MTL's task sampling mixed with a base distribution: ``p_t ∝ r_t^(1-λ) · u_t^λ``.
+
+    ``base``: ``{dataset: r_t}`` (ratios, proportional or temperature); ``uncertainty``:
+    ``{dataset: u_t}`` in [0, 1] (a probe batch's mean ``TaskKind.uncertainty``); ``lam`` in
+    [0, 1]: 0 gives ``base`` back, 1 samples by uncertainty alone.  A task whose weight is 0
+    everywhere (all ``u_t`` 0 at λ = 1) falls back to ``base``."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"training.uncertainty.lambda must be in [0, 1], got {lam!r}")
+    names = list(base)
+    r = np.array([float(base[n]) for n in names])
+    u = np.clip(np.array([float(uncertainty[n]) for n in names]), 0.0, 1.0)
+    w = r ** (1.0 - lam) * u ** lam
+    if w.sum() <= 0:
+        w = r
+    return dict(zip(names, (w / w.sum()).tolist(), strict=True))
+
+
 def _anneal(t):
     """``(start, end)`` of ``training.anneal``; a one-line error naming the key otherwise."""
     a = t.get("anneal") or {}
