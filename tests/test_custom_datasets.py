@@ -308,3 +308,18 @@ def test_mnli_checkpoint_evaluates_on_the_matched_dev_split(root, tmp_path):
         accuracy[dev] = json.loads(results.read_text())["metrics"]["glue_mnli_mismatched"]["accuracy"]
     assert accuracy["dev_mismatched"] == pytest.approx(final["glue_mnli_mismatched"]["accuracy"])
     assert 0 <= accuracy["dev_matched"] <= 1
+
+
+def test_a_kind_without_a_reader_cannot_be_made():
+    """``read`` and ``predict_dataset`` have no default: an incomplete kind fails when it is made,
+    not when a run first reads its data."""
+    from unit_fast.tasks import TaskKind
+
+    class NoReader(TaskKind):
+        name, model_task = "no_reader", "glue"
+
+        def predict_dataset(self, ds, entry, inputs, tokenizer, sizes):
+            return None
+
+    with pytest.raises(TypeError, match="read"):
+        NoReader()

@@ -19,6 +19,7 @@ Datasets are rows that *use* a kind (``unit_fast.tasks.builtin`` for UniT's 8; a
 ``register_task_kind(kind)`` adds a kind from user code.
 """
 
+import abc
 import math
 from dataclasses import dataclass, field
 
@@ -57,8 +58,9 @@ class ReadContext:
     info: dict = field(default_factory=dict)
 
 
-class TaskKind:
-    """One row of the table.  Subclasses set the class attributes and the methods below."""
+class TaskKind(abc.ABC):
+    """One row of the table.  Subclasses set the class attributes and the methods below; ``read``
+    and ``predict_dataset`` have no default (a kind without them cannot be instantiated)."""
 
     name = None                # the kind's name in configs (``kind: detection``)
     model_task = None          # UniT's head family: "detection" | "vl" | "glue"
@@ -75,10 +77,10 @@ class TaskKind:
 
     # -- data ----------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def read(self, ctx, ds, split, paths):
         """The ``torch.utils.data.Dataset`` of one split (``"train"`` read first, then ``"val"``).
         ``paths``: ``{path key: existing file or folder}`` (``path_keys`` checked already)."""
-        raise NotImplementedError
 
     def fit_head(self, ds, head, info, model_cfg=None):
         """Fill the head's counts in ``head`` (a dict, changed in place) from the data's
@@ -131,10 +133,10 @@ class TaskKind:
         """The kind's part of a dataset's checkpoint metadata entry (JSON values)."""
         return {}
 
+    @abc.abstractmethod
     def predict_dataset(self, ds, entry, inputs, tokenizer, sizes):
         """A one-item val dataset of the input: ``inputs`` ``{name: value}`` of predict's inputs,
         ``entry`` the dataset's metadata entry."""
-        raise NotImplementedError
 
     def predict_result(self, ds, out, entry, head, size, options):
         """The prediction as a JSON-like dict with ``dataset``, ``kind`` and ``task``."""

@@ -107,7 +107,7 @@ class Fixed:
         self._load(state)
 
     def _load(self, state):
-        pass
+        """Restore the method's own state (``fixed`` has none; subclasses extend it)."""
 
 
 class Uncertainty(Fixed):
