@@ -5,6 +5,10 @@
 ``temperature``: proportional to ``size ** (1 / T)`` (T = 1 is proportional, large T uniform);
 ``uniform``: every dataset alike;
 ``round_robin``: the datasets in turn, in config order (no randomness; uniform in the long run);
+``uncertainty``: CA-MTL (Pilault et al. 2021): ``p_t ∝ r_t^(1-λ) · u_t^λ``, ``r_t`` the base
+distribution (``training.uncertainty.base``: ratios, proportional or temperature) and ``u_t`` each
+dataset's normalised uncertainty on a probe batch, refreshed every ``probe_every`` updates
+(``UncertaintySampler``; the trainer probes);
 ``annealed``: proportional to ``size ** alpha`` with ``alpha`` falling linearly over training from
 ``training.anneal.start`` to ``training.anneal.end`` (Stickland & Murray 2019, "BERT and PALs":
 from proportional towards uniform, so small tasks get more of the late steps).
@@ -14,7 +18,10 @@ Every rank draws from the same seeded generator, so all ranks run the same task 
 
 import numpy as np
 
-MODES = ("ratios", "proportional", "temperature", "uniform", "round_robin", "annealed")
+import torch
+
+MODES = ("ratios", "proportional", "temperature", "uniform", "round_robin", "annealed", "uncertainty")
+BASES = ("ratios", "proportional", "temperature")
 
 
 def task_probabilities(sizes, mode="proportional", ratios=None, temperature=1.0, alpha=1.0):
@@ -80,6 +87,10 @@ def base_probabilities(sizes, t):
     """``{dataset: probability}`` of the ``training`` section ``t`` at the first update (MMF's
     fallback: ``ratios`` without ratios is ``proportional``)."""
     mode = t["sampling_mode"]
+    if mode == "uncertainty":  # before the first probe: the base distribution
+        mode = t["uncertainty"]["base"]
+        if mode not in BASES:
+            raise ValueError(f"training.uncertainty.base must be one of {', '.join(BASES)}, got {mode!r}")
     if mode == "ratios" and not t["sampling"]:
         mode = "proportional"  # MMF's fallback when a config has no multitasking ratios
     alpha = _anneal(t)[0] if mode == "annealed" else 1.0
@@ -94,7 +105,18 @@ def build_sampler(sizes, t):
     if mode == "annealed":
         start, end = _anneal(t)
         schedule = AnnealedSchedule(sizes, start, end, t["max_updates"] * t["tasks_per_step"])
+    if mode == "uncertainty":
+        return UncertaintySampler(probabilities, t["uncertainty"]["lambda"], seed=t["seed"])
     return TaskSampler(probabilities, seed=t["seed"], round_robin=mode == "round_robin", schedule=schedule)
+
+
+def select_most_uncertain(u, b):
+    """CA-MTL's example-level selection: the indices ``(b,)`` of the ``b`` most uncertain of the
+    candidates ``u (n,)``, in their original order (ties: the earlier candidate)."""
+    if not 1 <= b <= u.shape[0]:
+        raise ValueError(f"select_most_uncertain: keep b={b} of {u.shape[0]} candidates")
+    order = torch.argsort(-u.float(), stable=True)[:b]
+    return order.sort().values
 
 
 class AnnealedSchedule:
@@ -148,3 +170,34 @@ class TaskSampler:
         self.seed, self.draws = state["seed"], state["draws"]
         self._rng = np.random.default_rng(self.seed)
         self._rng.bit_generator.state = state["bit_generator"]
+
+
+class UncertaintySampler(TaskSampler):
+    """``TaskSampler`` over ``p_t ∝ r_t^(1-λ) · u_t^λ`` (``uncertainty_probabilities``): ``base``
+    (``{dataset: r_t}``) until the first ``update(u)``, then the mix with the latest probe's
+    ``u`` (``{dataset: u_t}``).  ``u`` is part of the state, so a resumed run samples as the
+    uninterrupted one would."""
+
+    def __init__(self, base, lam, seed=0):
+        uncertainty_probabilities(base, dict.fromkeys(base, 1.0), lam)  # checks lam
+        super().__init__(base, seed)
+        self.base, self.lam, self.u = dict(base), float(lam), None
+
+    def update(self, uncertainty):
+        """Mix ``uncertainty`` (``{dataset: u_t in [0, 1]}``, every dataset) into the draws from now on."""
+        missing = [n for n in self.names if n not in uncertainty]
+        if missing:
+            raise ValueError(f"UncertaintySampler.update: no uncertainty for {missing}")
+        self.u = {n: float(uncertainty[n]) for n in self.names}
+        p = uncertainty_probabilities(self.base, self.u, self.lam)
+        self.p = np.array([p[n] for n in self.names])
+
+    def state_dict(self):
+        return {**super().state_dict(), "uncertainty": self.u}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if state.get("uncertainty") is not None:
+            self.update(state["uncertainty"])
+        else:
+            self.u, self.p = None, np.array([self.base[n] for n in self.names])
