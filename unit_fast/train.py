@@ -43,7 +43,8 @@ import torch.distributed as dist
 from unit_fast.atomic import atomic_write
 from unit_fast.config import load_config
 from unit_fast.training import checkpoint as ckpt
-from unit_fast.training.batches import resolve_device, to_device
+from unit_fast.training.aggregation import AGGREGATORS, build_aggregator, flat_grads, set_flat_grads
+from unit_fast.training.batches import resolve_device, select_rows, to_device
 from unit_fast.training.evaluation_loop import chance_levels, evaluate_datasets, format_table, targets_met
 from unit_fast.training.loader import UpdateLoader
 from unit_fast.training.loss_weighting import build_loss_weighting
@@ -52,7 +53,9 @@ from unit_fast.training.metadata import run_metadata
 from unit_fast.training.optim import build_optimizer, warmup_cosine
 from unit_fast.training.report import RunLog, plot_log
 from unit_fast.training.resume import LATEST, RUNS, find_resume, newest_run, resume_command, run_folder_of
-from unit_fast.training.sampling import base_probabilities, build_sampler
+from unit_fast.training.probe import UncertaintyProbe, batch_uncertainty, example_pools
+from unit_fast.training.probe import check_options as check_probe
+from unit_fast.training.sampling import base_probabilities, build_sampler, select_most_uncertain
 from unit_fast.training.skips import SkippedImages
 from unit_fast.training.stopping import GracefulStop
 from unit_fast.training.streams import BatchStream
@@ -112,6 +115,9 @@ def _check_options(cfg):
         raise UsageError(f"training.eval_every must be an integer >= 0 (0: no periodic evaluation), "
                          f"got {t['eval_every']!r}")
     check_loss_weighting(t)  # a ValueError naming the key
+    check_probe(t)
+    if t["aggregator"] not in AGGREGATORS:
+        raise UsageError(f"training.aggregator must be one of {', '.join(AGGREGATORS)}, got {t['aggregator']!r}")
     implementation = cfg["model"]["implementation"]
     if implementation not in ("fast", "reference"):
         raise UsageError(f"model.implementation must be fast or reference, got {implementation!r}")
@@ -211,10 +217,21 @@ class Trainer:
                         for ds, d in self.data.train.items()}
         collators = {ds: BatchCollator(ds, decoder=data_cfg["decoder"], on_error=data_cfg["on_error"])
                      for ds in self.data.train}
+        # sampling_mode uncertainty: the probe (task level) and the candidate pools (example level).
+        self.probe = (UncertaintyProbe(self.data.train, collators, t, rank=self.rank, world=self.world,
+                                       aspect_ratio_bins=data_cfg["aspect_ratio_bins"])
+                      if t["sampling_mode"] == "uncertainty" else None)
+        self.pools = example_pools(t, {ds: self.model.kinds[ds] for ds in self.data.train})
         self.loader = UpdateLoader(self.data.train, collators, self.sampler, self.streams,
                                    tasks_per_step=t["tasks_per_step"], accumulate=t["accumulate"],
                                    num_workers=data_cfg["num_workers"], pin_memory=self.device.type == "cuda",
-                                   seed=t["seed"])
+                                   seed=t["seed"], pools=self.pools)
+        # training.aggregator: the shared parameters' gradient from the per-task gradients.
+        try:
+            self.aggregator = build_aggregator(t)
+        except ImportError as exc:  # TorchJD (the mtl extra) is not installed
+            raise UsageError(_one_line(exc)) from None
+        self.shared_params = self._shared_parameters() if self.aggregator is not None else []
         self.step, self.skipped_steps = 0, 0
         self.skipped_images = SkippedImages(self.data.train)
         self.last_eval = None  # (step, results) of the latest evaluation
@@ -298,7 +315,8 @@ class Trainer:
                 "streams": {k: s.state_dict() for k, s in self.streams.items()}, "step": self.step,
                 "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images.state_dict(),
                 "rng": ckpt.rng_state(), "config": self.cfg, "loss_weighting": self.weighting.state_dict(),
-                "meta": run_metadata(self.cfg, self.data)}
+                "meta": run_metadata(self.cfg, self.data),
+                **({"probe": self.probe.state_dict()} if self.probe is not None else {})}
 
     def save(self):
         if self.rank == 0:
@@ -319,6 +337,8 @@ class Trainer:
                              f"{_one_line(exc)[:400]}") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        if self.probe is not None and "probe" in state:
+            self.probe.load_state_dict(state["probe"])
         for k, s in state["streams"].items():
             self.streams[k].load_state_dict(s)
         self.loader.reset()  # anything prefetched came from the old position
@@ -352,27 +372,41 @@ class Trainer:
         NaN policy."""
         t = self.cfg["training"]
         model = self.ddp or self.model
+        if self.probe is not None and self.probe.due(self.step):
+            self._probe()
         model.train()
         tasks, micro = self.loader.next_update()
         self.weighting.start(self.step + 1)
         n = len(micro)
         total = 0.0
         task_sum, task_count, term_sum, term_count = {}, {}, {}, {}
+        rows = {}  # training.aggregator: {dataset: its micro-batches' summed shared-parameter gradient}
         for j, (ds, epoch, batch) in enumerate(micro):
             self._count_skipped(ds, epoch, batch.pop("skipped", 0))
             batch = to_device(batch, self.device)
+            if ds in self.pools:  # example level: train on the most uncertain 1/m of the candidates
+                keep = max(1, round(len(batch["indices"]) / self.pools[ds]))
+                u = batch_uncertainty(self.model, batch, self.cfg["training"]["uncertainty"]["top_m"])
+                batch = select_rows(batch, select_most_uncertain(u, keep))
             # DDP all-reduces the gradients once, in the last micro-batch's backward; torch >= 2.4
-            # also syncs parameters used only in the earlier (no_sync) micro-batches.
-            sync = self.ddp is None or j == n - 1
+            # also syncs parameters used only in the earlier (no_sync) micro-batches.  With an
+            # aggregator the trainer all-reduces them itself (_aggregate), per task.
+            sync = self.ddp is None or (j == n - 1 and self.aggregator is None)
             with nullcontext() if sync else self.ddp.no_sync():
                 losses = model(batch)["losses"]
                 loss = sum(losses.values())
                 (self.weighting.weigh(ds, loss) / n).backward()  # fixed: loss itself
+            if self.aggregator is not None and (j == n - 1 or micro[j + 1][0] != ds):  # a draw's last
+                rows[ds] = rows.get(ds, 0.0) + flat_grads(self.shared_params)
+                for p in self.shared_params:
+                    p.grad = None
             loss = loss.detach()
             total = total + loss / n
             task_sum[ds], task_count[ds] = task_sum.get(ds, 0.0) + loss, task_count.get(ds, 0) + 1
             for k, v in losses.items():
                 term_sum[k], term_count[k] = term_sum.get(k, 0.0) + v.detach(), term_count.get(k, 0) + 1
+        if self.aggregator is not None:
+            self._aggregate(rows, {ds: task_count[ds] for ds in rows}, n)
         self.weighting.sync_grads()  # DDP: uncertainty's s_t are outside the DDP-wrapped model
         if self.distributed:  # every rank must take the same decision below: skip or step
             # The stop request (SIGINT / SIGTERM on any rank) rides on the same all-reduce, so
@@ -400,6 +434,41 @@ class Trainer:
         self.weighting.observe(task_loss)  # dwa's loss history; after the NaN check's host sync
         return tasks, {"loss": total, "task_loss": task_loss,
                        "losses": {k: term_sum[k] / term_count[k] for k in term_sum}}
+
+    def _probe(self):
+        """``sampling_mode: uncertainty``: score one probe batch per dataset, mix the means into
+        the sampler and log them (every rank: the scores are all-reduced)."""
+        started = time.perf_counter()
+        u = self.probe.scores(self.model, self.device)
+        self.sampler.update(u)
+        self.loader.reset()  # batches prefetched by workers were drawn with the old probabilities
+        self.log.write({"step": self.step, "event": "probe", "uncertainty": u,
+                        "probabilities": self.sampler.probabilities(), "seconds": time.perf_counter() - started})
+
+    def _shared_parameters(self):
+        """The trainable parameters no dataset owns (``UniT.dataset_parameters``; rows of MMF's
+        task-token tables count as shared): those ``training.aggregator`` aggregates."""
+        own = {name for entries in self.model.dataset_parameters().values() for name, row in entries
+               if row is None}
+        return [p for name, p in self.model.named_parameters() if p.requires_grad and name not in own]
+
+    def _aggregate(self, rows, counts, n):
+        """``training.aggregator``: the shared parameters' gradient from the per-task rows.  Each
+        micro-batch's backward took ``loss / n``, so a task's row is ``rows[ds] * n / counts[ds]``:
+        the gradient of its mean micro-batch loss.  Under DDP the rows and the per-task parameters'
+        gradients are averaged over ranks here (the backwards ran under ``no_sync``): the
+        aggregators are not linear, so they must see the global per-task gradients."""
+        names = list(rows)
+        J = torch.stack([rows[ds] * (n / counts[ds]) for ds in names])  # (T, P)
+        if self.distributed:
+            dist.all_reduce(J)
+            J /= self.world
+            shared = {id(p) for p in self.shared_params}
+            for p in self.model.parameters():  # the same parameters have gradients on every rank
+                if p.grad is not None and id(p) not in shared:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        set_flat_grads(self.shared_params, self.aggregator.aggregate(J))
 
     def _stop_requested(self, stop):
         """Whether to stop now: a signal reached this process (any rank, under DDP: all ranks must

@@ -29,3 +29,23 @@ def to_device(x, device):
     if isinstance(x, list):
         return [to_device(v, device) for v in x]
     return x
+
+
+def select_rows(batch, keep):
+    """The collated ``batch`` restricted to its rows ``keep`` (a ``(b,)`` index tensor or list):
+    every ``(B, ...)`` tensor, ``NestedTensor`` and length-``B`` list is indexed; the rest (the
+    dataset name, split, skip count) is kept as it is."""
+    rows = [int(i) for i in keep]
+    n = len(batch["indices"])
+    index = torch.tensor(rows, dtype=torch.long)
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, NestedTensor):
+            i = index.to(value.tensors.device)
+            value = NestedTensor(value.tensors[i], None if value.mask is None else value.mask[i])
+        elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            value = value[index.to(value.device)]
+        elif isinstance(value, list) and len(value) == n:
+            value = [value[i] for i in rows]
+        out[key] = value
+    return out

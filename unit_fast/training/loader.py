@@ -18,15 +18,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
-def plan_update(sampler, streams, tasks_per_step=1, accumulate=1):
+def plan_update(sampler, streams, tasks_per_step=1, accumulate=1, pools=None):
     """Draw one update: ``(tasks, plan)``; ``tasks`` the ``tasks_per_step`` dataset names drawn
     (repeats possible), ``plan`` the micro-batches in consumption order,
-    ``[(dataset, epoch, indices), ...]`` of length ``tasks_per_step * accumulate``."""
+    ``[(dataset, epoch, indices), ...]`` of length ``tasks_per_step * accumulate``.  ``pools``:
+    ``{dataset: m}``: that dataset's micro-batches are candidate pools of ``m`` batches' worth of
+    indices (the trainer keeps the most uncertain ``1/m``; ``training/probe.py``)."""
+    pools = pools or {}
     tasks = [next(sampler) for _ in range(tasks_per_step)]
     plan = []
     for ds in tasks:
         for _ in range(accumulate):
-            idx = streams[ds].next_indices()
+            idx = [i for _ in range(pools.get(ds, 1)) for i in streams[ds].next_indices()]
             plan.append((ds, streams[ds].epoch, idx))  # the epoch after the draw is the batch's
     return tasks, plan
 
@@ -62,19 +65,19 @@ class _Ahead:
     """The DataLoader's ``batch_sampler``: the keys of every future micro-batch, drawn from copies
     of the sampler and streams taken when iteration starts."""
 
-    def __init__(self, sampler, streams, tasks_per_step, accumulate):
-        self.args = sampler, streams, tasks_per_step, accumulate
+    def __init__(self, sampler, streams, tasks_per_step, accumulate, pools):
+        self.args = sampler, streams, tasks_per_step, accumulate, pools
 
     def __iter__(self):
-        sampler, streams, tasks_per_step, accumulate = self.args
+        sampler, streams, tasks_per_step, accumulate, pools = self.args
         # Copied now, not when the generator first runs: the trainer's own draw comes next.
         return self._keys(copy.deepcopy(sampler), {k: s.fork() for k, s in streams.items()}, tasks_per_step,
-                          accumulate)
+                          accumulate, pools)
 
     @staticmethod
-    def _keys(sampler, streams, tasks_per_step, accumulate):
+    def _keys(sampler, streams, tasks_per_step, accumulate, pools):
         while True:
-            for ds, epoch, idx in plan_update(sampler, streams, tasks_per_step, accumulate)[1]:
+            for ds, epoch, idx in plan_update(sampler, streams, tasks_per_step, accumulate, pools)[1]:
                 yield [(ds, epoch, i) for i in idx]
 
 
@@ -87,12 +90,13 @@ class UpdateLoader:
             advanced by exactly what ``next_update`` returns.
         num_workers: 0 loads in the calling process; N > 0 in N DataLoader workers, up to
             ``2 * N`` micro-batches ahead.
+        pools: ``{dataset: m}`` candidate pools (``plan_update``).
         seed: seeds the DataLoader's own generator, so starting workers leaves torch's global RNG
             (and with it dropout, and bitwise resume) untouched.
     """
 
     def __init__(self, datasets, collators, sampler, streams, *, tasks_per_step=1, accumulate=1,
-                 num_workers=0, pin_memory=False, seed=0):
+                 num_workers=0, pin_memory=False, seed=0, pools=None):
         if tasks_per_step < 1 or accumulate < 1:
             raise ValueError(f"training.tasks_per_step and training.accumulate must be >= 1, "
                              f"got {tasks_per_step} and {accumulate}")
@@ -100,7 +104,7 @@ class UpdateLoader:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         self.items, self.collate = _Items(datasets), _Collate(collators)
         self.sampler, self.streams = sampler, streams
-        self.tasks_per_step, self.accumulate = tasks_per_step, accumulate
+        self.tasks_per_step, self.accumulate, self.pools = tasks_per_step, accumulate, dict(pools or {})
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self._it = None
 
@@ -110,7 +114,7 @@ class UpdateLoader:
         dataset indices of the rows kept)."""
         if self.num_workers and self._it is None:
             self._start()  # before drawing: the copies start from the not-yet-consumed position
-        tasks, plan = plan_update(self.sampler, self.streams, self.tasks_per_step, self.accumulate)
+        tasks, plan = plan_update(self.sampler, self.streams, self.tasks_per_step, self.accumulate, self.pools)
         if not self.num_workers:
             return tasks, [(ds, epoch, self.collate([self.items[(ds, epoch, i)] for i in idx])[1])
                            for ds, epoch, idx in plan]
@@ -128,7 +132,7 @@ class UpdateLoader:
         # threads) after a fork unless told up front.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         loader = DataLoader(self.items, batch_sampler=_Ahead(self.sampler, self.streams, self.tasks_per_step,
-                                                             self.accumulate),
+                                                             self.accumulate, self.pools),
                             collate_fn=self.collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(self.seed))
         self._it = iter(loader)

@@ -33,8 +33,10 @@ def check_options(t):
     method = t["loss_weighting"]
     if method not in METHODS:
         raise ValueError(f"training.loss_weighting must be one of {', '.join(METHODS)}, got {method!r}")
+    # training.uncertainty also holds sampling_mode uncertainty's keys (checked in training/probe.py).
     for section, keys in (("uncertainty", {"lr"}), ("dwa", {"temperature", "window"})):
-        if not isinstance(t[section], dict) or set(t[section]) != keys:
+        exact = section == "dwa"
+        if not isinstance(t[section], dict) or (set(t[section]) != keys if exact else not keys <= set(t[section])):
             raise ValueError(f"training.{section} must be a mapping with keys {sorted(keys)}, "
                              f"got {t[section]!r}")
     lr = t["uncertainty"]["lr"]
