@@ -81,12 +81,13 @@ def test_upgrad_gradient_by_hand(train_cache, tmp_path):
         model.zero_grad(set_to_none=True)
         sum(model(batch)["losses"].values()).backward()
         grads = dict(model.named_parameters())
-        rows.append(torch.cat([(grads[n].grad if grads[n].grad is not None else torch.zeros_like(grads[n])).flatten()
-                               for n in names]))
+        rows.append(torch.cat([(grads[n].grad if grads[n].grad is not None else torch.zeros_like(grads[n]))
+                               .flatten() for n in names]))
         own.update({n: p.grad / len(plan) for n, p in model.named_parameters()
                     if p.grad is not None and n not in names})
     expected = UPGrad()(torch.stack(rows))
-    got = torch.cat([seen.get(n, torch.zeros_like(dict(run.model.named_parameters())[n])).flatten() for n in names])
+    current = dict(run.model.named_parameters())
+    got = torch.cat([seen.get(n, torch.zeros_like(current[n])).flatten() for n in names])
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(got, torch.stack(rows).mean(0), rtol=1e-3)  # the aggregator did change it
     for n, g in own.items():
@@ -94,7 +95,8 @@ def test_upgrad_gradient_by_hand(train_cache, tmp_path):
 
 
 def test_a_run_with_an_aggregator_resumes_exactly(train_cache, tmp_path):
-    options = (*TWO_TASKS, "training.aggregator=mgda", "training.max_updates=4", "training.checkpoint_every=2")
+    options = (*TWO_TASKS, "training.aggregator=mgda", "training.max_updates=4",
+               "training.checkpoint_every=2")
     _, cfg = small_config(tmp_path, train_cache, *options)
     straight = Trainer(cfg, str(tmp_path / "a"))
     straight.train(progress=False)
@@ -137,7 +139,8 @@ def test_torchrun_aggregates_the_global_per_task_gradients(square_config, tmp_pa
     trainer averages each task's gradient over ranks before aggregating (UPGrad is not linear:
     aggregating each rank's half and averaging would differ), so the weights equal a 1-process
     run's with the same global batch (``square_config``: see tests/test_train_ddp.py)."""
-    overrides = ["training.max_updates=2", "training.checkpoint_every=2", *TWO_TASKS, "training.aggregator=upgrad"]
+    overrides = ["training.max_updates=2", "training.checkpoint_every=2", *TWO_TASKS,
+                 "training.aggregator=upgrad"]
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "unit_fast.train", "--config", square_config, "--output-dir", str(out), *overrides]

@@ -5,12 +5,15 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from unit_fast.training.sampling import (
     MODES,
     AnnealedSchedule,
+    UncertaintySampler,
     base_probabilities,
     build_sampler,
+    select_most_uncertain,
     task_probabilities,
 )
 
@@ -19,7 +22,8 @@ SIZES = {"big": 20000, "mid": 1000, "small": 300}
 
 def _t(**kw):
     return {"sampling_mode": "proportional", "sampling": {}, "temperature": 1.0, "seed": 0, "max_updates": 100,
-            "tasks_per_step": 1, "anneal": {"start": 1.0, "end": 0.2}, **kw}
+            "tasks_per_step": 1, "anneal": {"start": 1.0, "end": 0.2},
+            "uncertainty": {"base": "temperature", "lambda": 0.5}, **kw}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -82,3 +86,45 @@ def test_resume_continues_the_same_sequence(mode):
 def test_bad_sampling_options_name_the_key(t, message):
     with pytest.raises(ValueError, match=message):
         build_sampler(SIZES, t)
+
+
+def test_uncertainty_sampler_mixes_the_latest_probe_and_resumes():
+    """Before a probe: the base; after ``update``: ``r^(1-λ) u^λ`` normalised (λ = 0.5 here, by
+    hand); its state carries ``u``, so a restored sampler draws what the original draws."""
+    base = {"big": 0.6, "mid": 0.3, "small": 0.1}
+    s = UncertaintySampler(base, 0.5, seed=3)
+    assert s.probabilities() == pytest.approx(base)
+    s.update({"big": 0.1, "mid": 0.4, "small": 0.9})
+    w = np.sqrt(np.array([0.6 * 0.1, 0.3 * 0.4, 0.1 * 0.9]))
+    assert list(s.probabilities().values()) == pytest.approx(w / w.sum())
+    [next(s) for _ in range(5)]
+    restored = UncertaintySampler(base, 0.5, seed=3)
+    restored.load_state_dict(copy.deepcopy(s.state_dict()))
+    assert restored.probabilities() == s.probabilities()
+    assert [next(restored) for _ in range(50)] == [next(s) for _ in range(50)]
+    with pytest.raises(ValueError, match="no uncertainty for"):
+        s.update({"big": 0.5})
+    with pytest.raises(ValueError, match="lambda must be in"):
+        UncertaintySampler(base, 1.5)
+
+
+def test_select_most_uncertain_keeps_the_top_b_in_candidate_order():
+    u = torch.tensor([0.2, 0.9, 0.5, 0.9, 0.1])
+    assert select_most_uncertain(u, 3).tolist() == [1, 2, 3]
+    assert select_most_uncertain(u, 1).tolist() == [1]  # a tie: the earlier candidate
+    with pytest.raises(ValueError, match="keep b=6 of 5"):
+        select_most_uncertain(u, 6)
+
+
+def test_select_rows_indexes_every_row_field():
+    from unit_fast.structures import NestedTensor
+    from unit_fast.training.batches import select_rows
+
+    batch = {"dataset_name": "d", "dataset_type": "train", "indices": [10, 11, 12],
+             "input_ids": torch.arange(6).view(3, 2), "targets": [{"a": 0}, {"a": 1}, {"a": 2}],
+             "image": NestedTensor(torch.arange(3.0).view(3, 1, 1, 1),
+                                   torch.tensor([[[False]], [[True]], [[False]]]))}
+    out = select_rows(batch, torch.tensor([0, 2]))
+    assert out["indices"] == [10, 12] and out["targets"] == [{"a": 0}, {"a": 2}]
+    assert out["input_ids"].tolist() == [[0, 1], [4, 5]] and out["dataset_name"] == "d"
+    assert out["image"].tensors.flatten().tolist() == [0.0, 2.0] and not out["image"].mask.any()

@@ -160,7 +160,8 @@ def test_torchrun_ranks_all_reduce_the_probe_scores(square_config, tmp_path):  #
     summed and counted over ranks before sampling, so the logged probe (rank 0) equals a
     1-process run's on the whole batch, and both ranks drew the same tasks (else the run would
     hang or diverge: the final weights equal the 1-process run's)."""
-    overrides = ["training.max_updates=2", "training.checkpoint_every=2", "training.sampling_mode=uncertainty",
+    overrides = ["training.max_updates=2", "training.checkpoint_every=2",
+                 "training.sampling_mode=uncertainty",
                  "training.uncertainty.probe_every=1", "training.uncertainty.lambda=1.0"]
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -51,10 +51,10 @@ from unit_fast.training.loss_weighting import build_loss_weighting
 from unit_fast.training.loss_weighting import check_options as check_loss_weighting
 from unit_fast.training.metadata import run_metadata
 from unit_fast.training.optim import build_optimizer, warmup_cosine
-from unit_fast.training.report import RunLog, plot_log
-from unit_fast.training.resume import LATEST, RUNS, find_resume, newest_run, resume_command, run_folder_of
 from unit_fast.training.probe import UncertaintyProbe, batch_uncertainty, example_pools
 from unit_fast.training.probe import check_options as check_probe
+from unit_fast.training.report import RunLog, plot_log
+from unit_fast.training.resume import LATEST, RUNS, find_resume, newest_run, resume_command, run_folder_of
 from unit_fast.training.sampling import base_probabilities, build_sampler, select_most_uncertain
 from unit_fast.training.skips import SkippedImages
 from unit_fast.training.stopping import GracefulStop
@@ -117,7 +117,8 @@ def _check_options(cfg):
     check_loss_weighting(t)  # a ValueError naming the key
     check_probe(t)
     if t["aggregator"] not in AGGREGATORS:
-        raise UsageError(f"training.aggregator must be one of {', '.join(AGGREGATORS)}, got {t['aggregator']!r}")
+        raise UsageError(f"training.aggregator must be one of {', '.join(AGGREGATORS)}, "
+                         f"got {t['aggregator']!r}")
     implementation = cfg["model"]["implementation"]
     if implementation not in ("fast", "reference"):
         raise UsageError(f"model.implementation must be fast or reference, got {implementation!r}")
@@ -443,7 +444,8 @@ class Trainer:
         self.sampler.update(u)
         self.loader.reset()  # batches prefetched by workers were drawn with the old probabilities
         self.log.write({"step": self.step, "event": "probe", "uncertainty": u,
-                        "probabilities": self.sampler.probabilities(), "seconds": time.perf_counter() - started})
+                        "probabilities": self.sampler.probabilities(),
+                        "seconds": time.perf_counter() - started})
 
     def _shared_parameters(self):
         """The trainable parameters no dataset owns (``UniT.dataset_parameters``; rows of MMF's

@@ -114,7 +114,8 @@ class UpdateLoader:
         dataset indices of the rows kept)."""
         if self.num_workers and self._it is None:
             self._start()  # before drawing: the copies start from the not-yet-consumed position
-        tasks, plan = plan_update(self.sampler, self.streams, self.tasks_per_step, self.accumulate, self.pools)
+        tasks, plan = plan_update(self.sampler, self.streams, self.tasks_per_step, self.accumulate,
+                                  self.pools)
         if not self.num_workers:
             return tasks, [(ds, epoch, self.collate([self.items[(ds, epoch, i)] for i in idx])[1])
                            for ds, epoch, idx in plan]

@@ -36,7 +36,8 @@ def check_options(t):
     # training.uncertainty also holds sampling_mode uncertainty's keys (checked in training/probe.py).
     for section, keys in (("uncertainty", {"lr"}), ("dwa", {"temperature", "window"})):
         exact = section == "dwa"
-        if not isinstance(t[section], dict) or (set(t[section]) != keys if exact else not keys <= set(t[section])):
+        ok = isinstance(t[section], dict) and (set(t[section]) == keys if exact else keys <= set(t[section]))
+        if not ok:
             raise ValueError(f"training.{section} must be a mapping with keys {sorted(keys)}, "
                              f"got {t[section]!r}")
     lr = t["uncertainty"]["lr"]

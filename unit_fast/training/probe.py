@@ -43,7 +43,8 @@ def check_options(t):
                              f"training.sampling_mode=uncertainty, got {t['sampling_mode']}")
         return
     if u.get("base") not in BASES:
-        raise ValueError(f"training.uncertainty.base must be one of {', '.join(BASES)}, got {u.get('base')!r}")
+        raise ValueError(f"training.uncertainty.base must be one of {', '.join(BASES)}, "
+                         f"got {u.get('base')!r}")
     lam = u.get("lambda")
     if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not 0.0 <= lam <= 1.0:
         raise ValueError(f"training.uncertainty.lambda must be a number in [0, 1], got {lam!r}")
@@ -52,7 +53,8 @@ def check_options(t):
             raise ValueError(f"training.uncertainty.{key} must be an integer >= 1, got {u.get(key)!r}")
     size = u.get("probe_batch_size")
     if size is not None and not _int(size, 1):
-        raise ValueError(f"training.uncertainty.probe_batch_size must be null or an integer >= 1, got {size!r}")
+        raise ValueError(f"training.uncertainty.probe_batch_size must be null or an integer >= 1, "
+                         f"got {size!r}")
 
 
 def example_pools(t, kinds):

@@ -17,7 +17,6 @@ Every rank draws from the same seeded generator, so all ranks run the same task 
 """
 
 import numpy as np
-
 import torch
 
 MODES = ("ratios", "proportional", "temperature", "uniform", "round_robin", "annealed", "uncertainty")
