@@ -9,7 +9,10 @@ Changes from the reference:
 - attention modules are ``torch.nn.MultiheadAttention`` here; ``unit_fast.patch_attention``
   turns them into the fused drop-in (``UniT`` with ``implementation: fast`` does), same parameters;
 - ``pass_pos_and_query=False`` (unused by every UniT config) raises instead of being
-  half-supported.
+  half-supported;
+- the decoder takes an optional ``conditioning`` (a ``unit_fast.models.conditioning.TaskContext``,
+  ``model.conditioning``): its layer norms, query self-attention bias, adapters and the image
+  memory's FiLM come from it.  With None (the default) the code path is the reference's.
 
 Layouts (DETR's, sequence-first): ``src (S, B, d)``, ``pos (S, B, d)``,
 ``key_padding_mask (B, S)`` bool with ``True`` = padding; ``hs (num_layers, B, Q, d)``.
@@ -20,6 +23,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from unit_fast.nn.multihead_attention import MultiheadAttention as FusedMultiheadAttention
 
 
 def _get_clones(module, n):
@@ -74,8 +79,22 @@ class TransformerEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout2(self._ffn(src)))
 
 
+def _add_masks(mask, bias):
+    """``mask`` (None, bool with True = not allowed, or float) plus a float ``bias``, as one float mask."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(mask, float("-inf"))
+    return mask + bias
+
+
 class TransformerDecoderLayer(nn.Module):
-    """Self-attention over the queries, cross-attention into the memory, FFN."""
+    """Self-attention over the queries, cross-attention into the memory, FFN.
+
+    ``forward(..., conditioning=None, layer_idx=0)``: with a ``TaskContext``, norm ``i`` is
+    ``conditioning.norm(layer_idx, "norm<i>", ...)``, the query self-attention adds
+    ``conditioning.self_attn_bias(layer_idx, Q)`` to ``tgt_mask``, and the output goes through
+    ``conditioning.adapter(layer_idx, ...)``."""
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
@@ -94,24 +113,43 @@ class TransformerDecoderLayer(nn.Module):
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
 
+    def _self_attention(self, q, k, v, attn_mask, key_padding_mask):
+        attn = self.self_attn
+        if (attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
+                and isinstance(attn, FusedMultiheadAttention)):
+            # unit_fast's fused attention has no gradient wrt attn_mask (a conditioned bias that
+            # trains).  The query self-attention is only (Q, Q): torch's own forward runs it.
+            return nn.MultiheadAttention.forward(attn, q, k, v, key_padding_mask=key_padding_mask,
+                                                 need_weights=False, attn_mask=attn_mask)[0]
+        return attn(q, k, value=v, attn_mask=attn_mask, key_padding_mask=key_padding_mask)[0]
+
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, pos=None, query_pos=None):
-        pre = self.normalize_before
-        x = self.norm1(tgt) if pre else tgt
+                memory_key_padding_mask=None, pos=None, query_pos=None, conditioning=None, layer_idx=0):
+        pre, cond = self.normalize_before, conditioning
+
+        def norm(name, x):
+            ln = getattr(self, name)
+            return ln(x) if cond is None else cond.norm(layer_idx, name, ln, x)
+
+        if cond is not None:
+            bias = cond.self_attn_bias(layer_idx, tgt.shape[0])  # (Q, Q) or None
+            if bias is not None:
+                tgt_mask = _add_masks(tgt_mask, bias)
+        x = norm("norm1", tgt) if pre else tgt
         q = k = _with_pos(x, query_pos)
-        tgt = tgt + self.dropout1(self.self_attn(q, k, value=x, attn_mask=tgt_mask,
-                                                 key_padding_mask=tgt_key_padding_mask)[0])
+        tgt = tgt + self.dropout1(self._self_attention(q, k, x, tgt_mask, tgt_key_padding_mask))
         if not pre:
-            tgt = self.norm1(tgt)
-        x = self.norm2(tgt) if pre else tgt
+            tgt = norm("norm1", tgt)
+        x = norm("norm2", tgt) if pre else tgt
         tgt = tgt + self.dropout2(self.multihead_attn(query=_with_pos(x, query_pos), key=_with_pos(memory, pos),
                                                       value=memory, attn_mask=memory_mask,
                                                       key_padding_mask=memory_key_padding_mask)[0])
         if not pre:
-            tgt = self.norm2(tgt)
-        x = self.norm3(tgt) if pre else tgt
+            tgt = norm("norm2", tgt)
+        x = norm("norm3", tgt) if pre else tgt
         tgt = tgt + self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
-        return tgt if pre else self.norm3(tgt)
+        out = tgt if pre else norm("norm3", tgt)
+        return out if cond is None else cond.adapter(layer_idx, out)
 
 
 class TransformerEncoder(nn.Module):
@@ -130,7 +168,9 @@ class TransformerEncoder(nn.Module):
 
 class TransformerDecoder(nn.Module):
     """Stacked decoder layers; with ``return_intermediate`` the normed output of every layer,
-    ``(num_layers, Q, B, d)`` (what the auxiliary losses read)."""
+    ``(num_layers, Q, B, d)`` (what the auxiliary losses read).  With ``conditioning`` (a
+    ``TaskContext``) layer ``i`` gets ``layer_idx=i`` and the final norm is ``conditioning.norm(None,
+    "final", ...)``."""
 
     def __init__(self, decoder_layer, num_layers, norm=None, return_intermediate=False):
         super().__init__()
@@ -140,19 +180,26 @@ class TransformerDecoder(nn.Module):
         self.return_intermediate = return_intermediate
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, pos=None, query_pos=None):
+                memory_key_padding_mask=None, pos=None, query_pos=None, conditioning=None):
+        cond = conditioning
+
+        def final_norm(x):
+            if self.norm is None:
+                return x
+            return self.norm(x) if cond is None else cond.norm(None, "final", self.norm, x)
+
         output = tgt
         intermediate = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             output = layer(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
                            tgt_key_padding_mask=tgt_key_padding_mask,
-                           memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos)
+                           memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos,
+                           conditioning=cond, layer_idx=i)
             if self.return_intermediate:
-                intermediate.append(output if self.norm is None else self.norm(output))
+                intermediate.append(final_norm(output))
         if self.return_intermediate:
             return torch.stack(intermediate)  # (num_layers, Q, B, d)
-        output = output if self.norm is None else self.norm(output)
-        return output.unsqueeze(0)  # (1, Q, B, d)
+        return final_norm(output).unsqueeze(0)  # (1, Q, B, d)
 
 
 def build_decoder(d_model, nhead, dim_feedforward, dropout, num_layers, normalize_before):
@@ -244,7 +291,7 @@ class UniTTransformer(nn.Module):
         return self.enc2dec_proj(memory), self.pos_embed_proj(pos), mask
 
     def forward(self, img_src=None, img_mask=None, img_pos=None, text_src=None, text_mask=None, text_pos=None,
-                query_embed=None, task_type=None, dataset_name=None, task_idx=None):
+                query_embed=None, task_type=None, dataset_name=None, task_idx=None, conditioning=None):
         """Returns ``(hs (dec_layers, B, Q, d_dec), memory (B, d_dec, S))``.
 
         Args:
@@ -253,10 +300,14 @@ class UniTTransformer(nn.Module):
             text_src: ``(B, L, d_dec)``, ``text_mask (B, L)`` with 1 = token, 0 = padding (BERT's
                 ``input_mask``), ``text_pos (L, d_dec)``; or None (detection).
             query_embed: ``(Q, d_dec)`` the dataset's query embeddings.
+            conditioning: the dataset's ``TaskContext`` (``model.conditioning``), or None (UniT):
+                FiLMs the image memory (after ``enc2dec_proj``) and conditions the decoder.
         """
         memories, positions, masks = [], [], []
         if img_src is not None:
             memory, pos, mask = self._encode_image(img_src, img_mask, img_pos, task_idx, dataset_name)
+            if conditioning is not None:
+                memory = conditioning.film_memory(memory)  # (HW, B, d_dec)
             memories.append(memory)
             positions.append(pos)
             masks.append(mask)
@@ -276,5 +327,6 @@ class UniTTransformer(nn.Module):
         except KeyError:
             raise ValueError(f"UniTTransformer: no decoder for task {task_type!r}, dataset {dataset_name!r}; "
                              f"built: { {t: list(d) for t, d in self.decoders.items()} }") from None
-        hs = decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos, query_pos=query_pos)
+        hs = decoder(tgt, memory, memory_key_padding_mask=mask, pos=pos, query_pos=query_pos,
+                     conditioning=conditioning)
         return hs.transpose(1, 2), memory.permute(1, 2, 0)

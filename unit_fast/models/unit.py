@@ -16,16 +16,22 @@ One model code, two implementations over the same parameters (``model.implementa
 It can be switched after construction with ``set_implementation``; parameters never change.
 ("backend" names a kernel backend of one op: cpp, triton, torch, reference.)
 
+``model.conditioning`` (off by default) adds CA-MTL's task-conditioned modules
+(``unit_fast/models/conditioning.py``) under ``conditioning.``; off, the model and its keys are MMF's.
+
 Deliberate differences from MMF: batches may hold several images of different sizes (padded,
 each with its mask), which MMF's one-image-per-GPU runs never exercised; targets are passed as
 lists of dicts, not pickled byte tensors.
 """
+
+import contextlib
 
 import torch
 from torch import nn
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from unit_fast.models.backbone import build_backbone
+from unit_fast.models.conditioning import TaskConditioning, conditioning_enabled, conditioning_options
 from unit_fast.models.criterion import build_detection_loss
 from unit_fast.models.heads import MLP, AttributeHead
 from unit_fast.models.misc import NestedTensor
@@ -72,11 +78,12 @@ class UniTBaseModel(nn.Module):
         self.transformer.add_decoder(task, ds)
 
     def forward(self, img_src, text_src=None, text_mask=None, text_pos=None, output_hidden_states_only=False,
-                task_type="detection", dataset_name="detection_coco", task_idx=None):
+                task_type="detection", dataset_name="detection_coco", task_idx=None, conditioning=None):
         """``{"hidden_states": (dec_layers, B, Q, d_dec)}``.
 
         ``img_src``: a ``NestedTensor`` (padded ``(B, 3, H, W)`` + mask), a list of ``(3, H_i, W_i)``
-        images, a ``(B, 3, H, W)`` tensor of same-size images, or None (GLUE).
+        images, a ``(B, 3, H, W)`` tensor of same-size images, or None (GLUE).  ``conditioning``:
+        the dataset's ``TaskContext`` (``model.conditioning``) or None.
         """
         img_feat = img_mask = img_pos = None
         if img_src is not None:
@@ -87,7 +94,8 @@ class UniTBaseModel(nn.Module):
             img_feat, img_pos = self.input_proj(src), pos[-1]
         query_embed = self.query_embeds[task_type][dataset_name].weight
         hs, _ = self.transformer(img_feat, img_mask, img_pos, text_src, text_mask, text_pos, query_embed,
-                                 task_type=task_type, dataset_name=dataset_name, task_idx=task_idx)
+                                 task_type=task_type, dataset_name=dataset_name, task_idx=task_idx,
+                                 conditioning=conditioning)
         if hs.shape[2] != self.num_queries[task_type][dataset_name]:
             raise RuntimeError(f"UniTBaseModel: {hs.shape[2]} queries out, expected "
                                f"{self.num_queries[task_type][dataset_name]}")
@@ -107,8 +115,12 @@ class UniT(nn.Module):
     ``{task: {dataset: {kind, task_idx, task_token, num_classes|num_labels, use_attr,
     loss_type}}}``, ``bert`` ``{pretrained, config}``, ``keep_only_bert_cls``,
     ``use_task_embedding_in_lang_encoder``, ``max_task_num``, ``detection_loss_weight``,
-    ``loss_on_all_hs``, ``predict_attributes``, ``implementation``, ``autocast_dtype``.  It is
-    read once, here; ``forward`` looks nothing up in it.
+    ``loss_on_all_hs``, ``predict_attributes``, ``implementation``, ``autocast_dtype``,
+    ``conditioning``.  It is read once, here; ``forward`` looks nothing up in it.
+
+    ``conditioning``: a ``TaskConditioning`` when any ``model.conditioning`` option is on (built
+    last, so the other weights are those of the same seed without it), else None; its
+    per-dataset parameters (task embeddings, norm tables) are registered with their datasets.
 
     Per-dataset parameters (query embeddings, a separate decoder, task tokens, heads) are
     registered with their dataset's name (``register_dataset_parameters``), so that
@@ -147,6 +159,18 @@ class UniT(nn.Module):
             for ds in base["num_queries"][task]:
                 self._add_head(task, ds, self._head_cfg(cfg, task, ds), cfg["keep_only_bert_cls"])
         self.dropout = nn.Dropout(cfg.get("classifier_dropout", 0.1))
+        self.conditioning = None
+        cond_cfg = cfg.get("conditioning")
+        conditioning_options(cond_cfg)  # a bad value is an error even with every option off
+        if conditioning_enabled(cond_cfg):
+            datasets = [ds for heads in self.heads.values() for ds in heads]
+            self.conditioning = TaskConditioning(cond_cfg, d_dec, base["nheads"], base["dec_layers"],
+                                                 datasets, d_text=d_dec, d_memory=d_dec,
+                                                 bert_hidden=bert_hidden)
+            if self.conditioning.options["bert_layers"]:
+                self.conditioning.attach_bert(self.bert_model.module.encoder.layer)
+            for ds in datasets:
+                self._register_conditioning(ds, self.conditioning.dataset_prefixes(ds))
         self.implementation = None
         self.set_implementation(cfg.get("implementation", "fast"))
 
@@ -165,6 +189,10 @@ class UniT(nn.Module):
         """Register the parameters under module path ``prefix`` (or the one parameter named
         ``prefix``) as dataset ``ds``'s; ``row``: only that row of it (a task-token table)."""
         self._dataset_params.setdefault(ds, []).append((prefix, row))
+
+    def _register_conditioning(self, ds, prefixes):
+        for prefix in prefixes:
+            self.register_dataset_parameters(ds, f"conditioning.{prefix}")
 
     def dataset_parameters(self):
         """``{dataset: [(parameter name, row or None)]}``: every registered per-dataset
@@ -264,6 +292,8 @@ class UniT(nn.Module):
         self.unit_base_model.add_queries(task, ds, num_queries)
         cls = kind.keep_only_cls if keep_only_cls is None else keep_only_cls
         self._add_head(task, ds, dict(head), {task: {ds: bool(cls)}})
+        if self.conditioning is not None:  # its task embedding (and norm table)
+            self._register_conditioning(ds, self.conditioning.add_dataset(ds))
         self.to(device=ref.device)
         for crit in self.det_losses.values():
             crit.set_implementation(self.implementation, None)
@@ -369,16 +399,22 @@ class UniT(nn.Module):
         ds = sample["dataset_name"]
         task = self.task_type(ds)
         head = self.heads[task][ds]
+        # This batch's dataset conditions the shared layers (model.conditioning): one z per forward,
+        # so micro-batches of several tasks (training.tasks_per_step) each use their own.
+        ctx = None if self.conditioning is None else self.conditioning.context(ds)
         text_src = text_mask = text_pos = None
         if task in ("vl", "glue"):
-            text_src, text_pos = self.forward_bert_with_task_idx(sample, head.get("task_idx"), ds)
+            with contextlib.nullcontext() if ctx is None else self.conditioning.bert_context(ctx):
+                text_src, text_pos = self.forward_bert_with_task_idx(sample, head.get("task_idx"), ds)
             text_src, text_pos = self.bert_projection(text_src), self.bert_pos_projection(text_pos)
             text_mask = sample["input_mask"]
             if self.keep_only_cls[ds]:  # the CLS token only
                 text_src, text_pos, text_mask = text_src[:, :1], text_pos[:1], text_mask[:, :1]
+            if ctx is not None:
+                text_src = ctx.film_text(text_src)  # (B, L, d_dec); FiLM is elementwise: after the CLS cut
         img_src = sample["image"] if task in ("vl", "detection") else None
         out = self.unit_base_model(img_src, text_src, text_mask, text_pos, task_type=task, dataset_name=ds,
-                                   task_idx=head.get("task_idx"))
+                                   task_idx=head.get("task_idx"), conditioning=ctx)
         if task == "detection":
             return self._detection(out["hidden_states"], sample, ds)
         return self._classification(out["hidden_states"], sample, task, ds)
