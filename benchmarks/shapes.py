@@ -507,3 +507,74 @@ def decode_jpegs(shape, num_images, seed=SEED):
         image.save(buf, "JPEG", quality=DECODE_JPEG_QUALITY)
         out.append(buf.getvalue())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_dispatch: a top-k mixture of expert FFNs over N tokens (UniT / MMF MultiModel's MoE layer).
+
+
+@dataclass(frozen=True)
+class MoEDispatchShape:
+    """``N`` tokens of width ``d``, ``E`` expert FFNs of hidden width ``f``, ``k`` slots per token;
+    each expert takes at most ``capacity_factor * N * k / E`` slots (the rest are dropped, -1)."""
+
+    name: str
+    N: int
+    d: int
+    f: int
+    E: int
+    k: int
+    where: str
+    capacity_factor: float = 1.25
+
+    def as_dict(self):
+        return {"N": self.N, "d": self.d, "f": self.f, "E": self.E, "k": self.k,
+                "capacity_factor": self.capacity_factor}
+
+
+MOE_DISPATCH_SHAPES = {
+    s.name: s
+    for s in (
+        MoEDispatchShape("unit_n4096_e8_k2", 4096, 256, 1024, 8, 2,
+                         "UniT-sized: 4096 tokens (a batch's queries and text), d 256, f 1024, top-2 of 8"),
+        MoEDispatchShape("cpu_n2048_e16_k2", 2048, 128, 512, 16, 2, "CPU-sized, finer experts: top-2 of 16"),
+        MoEDispatchShape("tiny_n128_e4_k2", 128, 32, 64, 4, 2, "tiny: the per-token reference is timed too"),
+    )
+}
+MOE_DISPATCH_DTYPE = torch.float32
+# Shapes small enough for the per-token reference loop (it runs ~N * k Python iterations).
+MOE_DISPATCH_REFERENCE_MAX_SLOTS = 256
+
+
+def moe_dispatch_inputs(shape, device="cpu", num_sets=NUM_INPUT_SETS, dtype=MOE_DISPATCH_DTYPE):
+    """``num_sets`` tuples ``(x, expert_idx, gates, w1, b1, w2, b2, grad_y)`` of ``moe_dispatch``
+    arguments (and an output gradient) for ``shape``.
+
+    A top-k router with a skew: logits ``randn(N, E)`` plus a per-expert offset in [0, 1), so the
+    experts' loads differ; gates are the softmax of the k chosen logits; slots past an expert's
+    capacity ``ceil(capacity_factor * N * k / E)`` (in token order, as GShard drops) become -1.
+    Weights are scaled by ``1 / sqrt(fan_in)`` so activations stay O(1).
+    """
+    gen = torch.Generator().manual_seed(SEED)
+    N, d, f, E, k = shape.N, shape.d, shape.f, shape.E, shape.k
+    capacity = -(-int(shape.capacity_factor * N * k) // E)
+    sets = []
+    for _ in range(num_sets):
+        logits = torch.randn(N, E, generator=gen) + torch.rand(E, generator=gen)  # [N, E]
+        top, expert_idx = logits.topk(k, dim=1)  # [N, k] each
+        gates = top.softmax(dim=1)  # [N, k]
+        flat = expert_idx.reshape(-1)  # [N * k], slot order = token order
+        rank = (torch.nn.functional.one_hot(flat, E).cumsum(0) - 1).gather(1, flat[:, None])[:, 0]  # [N * k]
+        expert_idx = torch.where(rank < capacity, flat, -1).view(N, k)
+        tensors = (
+            torch.randn(N, d, generator=gen),
+            expert_idx,
+            gates,
+            torch.randn(E, d, f, generator=gen) / d**0.5,
+            torch.randn(E, f, generator=gen) * 0.1,
+            torch.randn(E, f, d, generator=gen) / f**0.5,
+            torch.randn(E, d, generator=gen) * 0.1,
+            torch.randn(N, d, generator=gen),
+        )
+        sets.append(tuple(t.to(device) if i == 1 else t.to(device, dtype) for i, t in enumerate(tensors)))
+    return sets

@@ -28,6 +28,7 @@ OP_BACKENDS = {
     "box_loss": {"cpu": ("cpp", "reference", "triton"), "cuda": ("triton", "reference")},
     "matching_cost": {"cpu": ("cpp", "reference", "triton"), "cuda": ("triton", "reference")},
     "attention": {"cpu": ("torch", "reference", "triton"), "cuda": ("triton", "reference")},
+    "moe_dispatch": {"cpu": ("torch", "reference", "triton"), "cuda": ("triton", "torch", "reference")},
 }
 
 

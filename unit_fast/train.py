@@ -233,6 +233,7 @@ class Trainer:
         except ImportError as exc:  # TorchJD (the mtl extra) is not installed
             raise UsageError(_one_line(exc)) from None
         self.shared_params = self._shared_parameters() if self.aggregator is not None else []
+        self.expert_usage = {}  # model.moe: {dataset: {layer: (E,) slots}} since the last train record
         self.step, self.skipped_steps = 0, 0
         self.skipped_images = SkippedImages(self.data.train)
         self.last_eval = None  # (step, results) of the latest evaluation
@@ -395,6 +396,7 @@ class Trainer:
             sync = self.ddp is None or (j == n - 1 and self.aggregator is None)
             with nullcontext() if sync else self.ddp.no_sync():
                 losses = model(batch)["losses"]
+                self._count_expert_usage(ds)
                 loss = sum(losses.values())
                 (self.weighting.weigh(ds, loss) / n).backward()  # fixed: loss itself
             if self.aggregator is not None and (j == n - 1 or micro[j + 1][0] != ds):  # a draw's last
@@ -446,6 +448,21 @@ class Trainer:
         self.log.write({"step": self.step, "event": "probe", "uncertainty": u,
                         "probabilities": self.sampler.probabilities(),
                         "seconds": time.perf_counter() - started})
+
+    def _count_expert_usage(self, ds):
+        """``model.moe``: add the last forward's expert slots to ``ds``'s counts (device tensors:
+        no host sync until a train record reads them)."""
+        for layer, usage in self.model.moe_usage().items():
+            counts = self.expert_usage.setdefault(ds, {})
+            counts[layer] = counts[layer] + usage if layer in counts else usage.clone()
+
+    def _expert_usage_shares(self):
+        """``{dataset: {layer: [share of the slots per expert]}}`` since the last record (this
+        rank's tokens), then the counts restart."""
+        out = {ds: {layer: (c.double() / c.sum().clamp_min(1)).tolist() for layer, c in layers.items()}
+               for ds, layers in self.expert_usage.items()}
+        self.expert_usage = {}
+        return out
 
     def _shared_parameters(self):
         """The trainable parameters no dataset owns (``UniT.dataset_parameters``; rows of MMF's
@@ -508,6 +525,8 @@ class Trainer:
                                   "losses": {k: float(v) for k, v in stats["losses"].items()}}
                         if self.weighting.method != "fixed":  # the default run's records stay as they were
                             record["loss_weights"] = self.weighting.weights()
+                        if self.expert_usage:
+                            record["expert_usage"] = self._expert_usage_shares()
                         self.log.write(record)
                         since, samples = time.perf_counter(), 0
                         if bar is not None:

@@ -196,6 +196,24 @@ def bench_attention(item, run):
                       dropout=A.DROPOUT, note="flex_attention runs without dropout (it has none)")
 
 
+def bench_moe_dispatch(item, run):
+    """Forward + backward (all six gradients) of bench_moe_dispatch's providers, gelu experts, in
+    each of ``item.dtypes``: ``moe_dispatch(backend="triton")`` against ``item.baselines``."""
+    from benchmarks import bench_moe_dispatch as X
+
+    ours = X._forward_backward(X._provider("unit_fast_triton"))
+    providers = {b: X._forward_backward(X._provider(b)) for b in item.baselines}
+    for name in item.shapes:
+        shape = S.MOE_DISPATCH_SHAPES[name]
+        for dname in item.dtypes:
+            dtype = getattr(torch, dname)
+            inputs = [X._leaves(x) for x in S.moe_dispatch_inputs(shape, DEVICE, dtype=dtype)]
+            _side_by_side(run, item, name, shape.as_dict(), dname, ours, providers, inputs,
+                          activation=X.ACTIVATION, pass_="fwdbwd")
+            del inputs
+            _free()
+
+
 def bench_unit_step(item, run):
     """MMF's reference step (float32) against the fast step (bf16 autocast), twice: on the very
     same batch of ``bench_unit_step.SAME_BATCH`` images (the per-step ratio), then MMF's one image
@@ -244,4 +262,5 @@ def bench_unit_step(item, run):
 
 
 BENCHES = {"lsa": bench_lsa, "matcher": bench_matcher, "matching_cost": bench_matching_cost,
-           "box_loss": bench_box_loss, "attention": bench_attention, "unit_step": bench_unit_step}
+           "box_loss": bench_box_loss, "attention": bench_attention, "moe_dispatch": bench_moe_dispatch,
+           "unit_step": bench_unit_step}

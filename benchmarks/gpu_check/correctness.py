@@ -316,6 +316,67 @@ def check_attention(item, run):
         _sync_claim(run, item.topic, "attention_fwd_bwd", name, call)
 
 
+# ------------------------------------------------------------------------------- moe_dispatch
+
+
+def _moe_run(fn, args, activation):
+    """``(y, dx, dgates, dw1, db1, dw2, db2)`` of ``fn`` on ``args`` (the 7 op arguments + grad_y)."""
+    *op_args, grad_y = args
+    leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in op_args]
+    y = fn(*leaves, activation)
+    diff = [t for t in leaves if t.requires_grad]
+    return [y.detach(), *torch.autograd.grad(y, diff, grad_y)]
+
+
+def check_moe_dispatch(item, run):
+    """Each backend in ``item.params["backends"]``, values and all six gradients, within 2x the
+    error of an oracle run in the test dtype (against it in float64): the per-token reference
+    where it is affordable (relu and gelu), else the per-expert loop peer (gelu only: relu's
+    kink makes a float32-vs-float64 comparison of its gradients flip where a pre-activation
+    rounds to 0; the CPU tests check relu against the reference)."""
+    import functools
+
+    from benchmarks import bench_moe_dispatch as X
+    from unit_fast.ops.moe_dispatch import moe_dispatch, moe_dispatch_ref
+
+    for name in item.shapes:
+        shape = S.MOE_DISPATCH_SHAPES[name]
+        with_reference = shape.N * shape.k <= S.MOE_DISPATCH_REFERENCE_MAX_SLOTS
+        oracle_hi = moe_dispatch_ref if with_reference else X.per_expert_loop
+        oracle_lo = functools.partial(moe_dispatch_ref, upcast=False) if with_reference else X.per_expert_loop
+        base = S.moe_dispatch_inputs(shape, DEVICE, num_sets=1, dtype=torch.float64)[0]
+        for activation in ("relu", "gelu") if with_reference else ("gelu",):
+            hi = [t.cpu() for t in _moe_run(oracle_hi, base, activation)]
+            for dname in item.dtypes:
+                dt = DTYPE[dname]
+                args = [t.to(dt) if t.is_floating_point() else t for t in base]
+                lo = [t.cpu() for t in _moe_run(oracle_lo, args, activation)]
+                for backend in item.params["backends"]:
+
+                    def check(args=args, lo=lo, dt=dt, backend=backend, activation=activation):
+                        fn = functools.partial(moe_dispatch, backend=backend)
+                        got = _moe_run(lambda *a: fn(*a[:7], activation=a[7]), args, activation)
+                        for what, g, h, low in zip(("y", "dx", "dgates", "dw1", "db1", "dw2", "db2"),
+                                                   got, hi, lo, strict=True):
+                            assert g.dtype == dt, f"{what}: {g.dtype}"
+                            assert_within_ref_error(g.cpu(), low, h, dt, msg=what)
+                        oracle = "the reference" if with_reference else "the per-expert loop"
+                        return f"{activation}: y and six gradients within 2x {oracle}'s own error"
+
+                    _record(run, item.topic, f"{backend}_vs_reference:{activation}", dname, name, check)
+
+
+def time_moe_dispatch(item, run):
+    """Kind "check" (see plan.py): the timing cases, recorded by ``bench.bench_moe_dispatch``."""
+    from benchmarks.gpu_check.bench import bench_moe_dispatch
+
+    before = len(run.checks)
+    bench_moe_dispatch(item, run)
+    if not any(c.status == "fail" for c in run.checks[before:]):  # _side_by_side records failures
+        run.checks.append(Check(item.topic, item.name, "pass", None, None,
+                                "timed: Triton vs the torch backend, the per-expert loop and padded bmm"))
+
+
 @contextlib.contextmanager
 def forced_config(tuner, config):
     """Runs ``tuner`` (a ``triton.autotune`` wrapper) with ``config`` only: with one config the
@@ -396,10 +457,11 @@ def check_unit_step(item, run):
 
 CHECKS = {"lsa": check_lsa, "matcher": check_matcher, "matching_cost": check_matching_cost,
           "box_loss": check_box_loss, "pairwise_giou": check_pairwise_giou, "attention": check_attention,
-          "autotune_configs": check_autotune_configs, "unit_step": check_unit_step}
+          "autotune_configs": check_autotune_configs, "unit_step": check_unit_step,
+          "moe_dispatch": check_moe_dispatch, "timing_vs_peers": time_moe_dispatch}
 
 
 def run_check(item, run):
     """Dispatches a plan item of kind ``check``."""
-    key = "autotune_configs" if item.name == "autotune_configs" else item.topic
+    key = item.name if item.name in ("autotune_configs", "timing_vs_peers") else item.topic
     CHECKS[key](item, run)

@@ -10,7 +10,9 @@ rules kept). Differences from the reference:
 - two options for small models trained from scratch (the synthetic default), both off by default:
   ``norm="batch_norm"`` (trainable BatchNorm; every layer trains, since DETR freezes the stem,
   ``layer1`` and the BN statistics only because they come pretrained) and ``last_layer="layer3"``
-  (stop at stride 16: a 4x4 feature map from a 64 px image for a quarter less compute).
+  (stop at stride 16: a 4x4 feature map from a 64 px image for a quarter less compute);
+- ``return_stages=True`` (``model.medusa.multiscale: backbone``) also returns the stages ``layer2`` ..
+  the last layer from the same run; the default return is unchanged.
 """
 
 from __future__ import annotations
@@ -67,20 +69,47 @@ class BackboneBase(nn.Module):
         # Attribute name ``body`` makes the state-dict keys ``body.*`` (DETR checkpoint layout).
         self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.num_channels = num_channels
+        # The stages ``forward(return_stages=True)`` also returns: layer2 .. the last (Medusa's scales).
+        self.stage_channels = {name: _out_channels(getattr(backbone, name)) for name in layers[1:]}
 
-    def forward(self, tensor_list: NestedTensor) -> OrderedDict[str, NestedTensor]:
+    def forward(self, tensor_list: NestedTensor, return_stages: bool = False):
         """``NestedTensor`` ``(B, 3, H, W)`` + mask ``(B, H, W)`` -> ``{name: NestedTensor}`` with
-        features ``(B, C_l, H_l, W_l)`` and mask ``(B, H_l, W_l)`` bool (True = pad)."""
+        features ``(B, C_l, H_l, W_l)`` and mask ``(B, H_l, W_l)`` bool (True = pad).
+
+        ``return_stages``: ``(that dict, {stage: NestedTensor})`` with every stage of
+        ``stage_channels`` (``layer2`` .. the last layer), from the same run."""
         mask = tensor_list.mask
         if mask is None:
             raise ValueError("Backbone needs a NestedTensor with a padding mask")
-        out: OrderedDict[str, NestedTensor] = OrderedDict()
-        for name, x in self.body(tensor_list.tensors).items():
+
+        def nested(x):
             # Nearest resize of the full-resolution mask; the batch dim rides in the channel
             # slot of interpolate: (1, B, H, W) -> (1, B, H_l, W_l) -> (B, H_l, W_l).
-            m = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
-            out[name] = NestedTensor(x, m)
-        return out
+            return NestedTensor(x, F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0])
+
+        out: OrderedDict[str, NestedTensor] = OrderedDict()
+        if not return_stages:
+            for name, x in self.body(tensor_list.tensors).items():
+                out[name] = nested(x)
+            return out
+        # IntermediateLayerGetter's own loop (same modules, same order), keeping the stages too
+        stages: OrderedDict[str, NestedTensor] = OrderedDict()
+        x = tensor_list.tensors
+        for name, module in self.body.items():
+            x = module(x)
+            if name in self.body.return_layers:
+                out[self.body.return_layers[name]] = nested(x)
+            if name in self.stage_channels:  # the last stage is the returned map itself
+                returned = self.body.return_layers.get(name)
+                stages[name] = out[returned] if returned is not None else nested(x)
+        return out, stages
+
+
+def _out_channels(layer: nn.Sequential) -> int:
+    """Output channels of a ResNet stage: its last block's last conv (Bottleneck ``conv3``,
+    BasicBlock ``conv2``)."""
+    block = layer[-1]
+    return getattr(block, "conv3", block.conv2).out_channels
 
 
 class Backbone(BackboneBase):
@@ -168,13 +197,26 @@ class Joiner(nn.Sequential):
     def num_channels(self) -> int:
         return self[0].num_channels
 
-    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+    @property
+    def stage_channels(self) -> dict:
+        """``{stage: channels}`` of ``layer2`` .. the last layer (what ``return_stages`` returns)."""
+        return dict(self[0].stage_channels)
+
+    def forward(self, tensor_list: NestedTensor, return_stages: bool = False):
+        """``(features, pos)``; with ``return_stages`` ``(features, pos, stages)``, ``stages`` a list
+        of ``NestedTensor`` ``(B, C_s, H_s, W_s)`` + mask for ``layer2`` .. the last layer (no
+        position encoding: Medusa resizes them to the last grid, whose encoding is ``pos[-1]``)."""
+        out = self[0](tensor_list, return_stages=return_stages)
+        if return_stages:
+            out, stages = out
         features: list[NestedTensor] = []
         pos: list[Tensor] = []
-        for x in self[0](tensor_list).values():
+        for x in out.values():
             features.append(x)
             # Encoding is computed in fp32; cast so autocast/bf16 features add without promotion.
             pos.append(self[1](x).to(x.tensors.dtype))
+        if return_stages:
+            return features, pos, list(stages.values())
         return features, pos
 
 

@@ -18,6 +18,10 @@ It can be switched after construction with ``set_implementation``; parameters ne
 
 ``model.conditioning`` (off by default) adds CA-MTL's task-conditioned modules
 (``unit_fast/models/conditioning.py``) under ``conditioning.``; off, the model and its keys are MMF's.
+``model.moe`` (off by default) makes chosen encoder/decoder layers' FFNs sparsely gated mixtures of
+experts (``models/moe.py``: ``<layer>.moe.*`` instead of ``<layer>.linear1/linear2``, per-dataset gate
+task embeddings under ``moe_task_embeddings.``); ``model.medusa`` (off by default) adds Medusa's
+per-dataset feature and multi-scale attention (``models/medusa.py``) under ``medusa.``.
 
 Deliberate differences from MMF: batches may hold several images of different sizes (padded,
 each with its mask), which MMF's one-image-per-GPU runs never exercised; targets are passed as
@@ -34,7 +38,9 @@ from unit_fast.models.backbone import build_backbone
 from unit_fast.models.conditioning import TaskConditioning, conditioning_enabled, conditioning_options
 from unit_fast.models.criterion import build_detection_loss
 from unit_fast.models.heads import MLP, AttributeHead
+from unit_fast.models.medusa import Medusa, medusa_enabled
 from unit_fast.models.misc import NestedTensor
+from unit_fast.models.moe import MoEFFN, moe_enabled, moe_options
 from unit_fast.models.text_encoder import BertTextEncoder
 from unit_fast.models.transformer import UniTTransformer
 from unit_fast.nn import patch_attention
@@ -48,10 +54,11 @@ class UniTBaseModel(nn.Module):
 
     ``cfg``: the ``base_args`` mapping (``backbone``, ``lr_backbone``, ``dilation``,
     ``backbone_weights``, ``encoder_hidden_dim``, ``decoder_hidden_dim``, ``num_queries``
-    ``{task: {dataset: Q}}``, and the transformer's keys).
+    ``{task: {dataset: Q}}``, and the transformer's keys); ``moe``: validated ``model.moe``
+    options when it is on, else None.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, moe=None):
         super().__init__()
         self.backbone = build_backbone(backbone=cfg["backbone"], lr_backbone=cfg["lr_backbone"],
                                        dilation=cfg["dilation"], hidden_dim=cfg["encoder_hidden_dim"],
@@ -59,7 +66,7 @@ class UniTBaseModel(nn.Module):
                                        norm=cfg.get("backbone_norm", "frozen_bn"),
                                        last_layer=cfg.get("backbone_last_layer", "layer4"))
         datasets = {task: list(qs) for task, qs in cfg["num_queries"].items()}
-        self.transformer = UniTTransformer(cfg, datasets)
+        self.transformer = UniTTransformer(cfg, datasets, moe=moe)
         d_dec = cfg["decoder_hidden_dim"]
         self.d_dec = d_dec
         self.num_queries = {task: dict(qs) for task, qs in cfg["num_queries"].items()}
@@ -78,24 +85,33 @@ class UniTBaseModel(nn.Module):
         self.transformer.add_decoder(task, ds)
 
     def forward(self, img_src, text_src=None, text_mask=None, text_pos=None, output_hidden_states_only=False,
-                task_type="detection", dataset_name="detection_coco", task_idx=None, conditioning=None):
+                task_type="detection", dataset_name="detection_coco", task_idx=None, conditioning=None,
+                moe_task=None, medusa=None):
         """``{"hidden_states": (dec_layers, B, Q, d_dec)}``.
 
         ``img_src``: a ``NestedTensor`` (padded ``(B, 3, H, W)`` + mask), a list of ``(3, H_i, W_i)``
         images, a ``(B, 3, H, W)`` tensor of same-size images, or None (GLUE).  ``conditioning``:
-        the dataset's ``TaskContext`` (``model.conditioning``) or None.
+        the dataset's ``TaskContext`` (``model.conditioning``) or None; ``moe_task``: its MoE gate
+        task embedding ``(task_dim,)`` or None; ``medusa``: its ``MedusaContext`` or None (with
+        ``multiscale: backbone`` the image features are its mix of the backbone's stages).
         """
         img_feat = img_mask = img_pos = None
         if img_src is not None:
             if not isinstance(img_src, NestedTensor):
                 img_src = NestedTensor.from_tensor_list(list(img_src))
-            features, pos = self.backbone(img_src)
-            src, img_mask = features[-1].decompose()
-            img_feat, img_pos = self.input_proj(src), pos[-1]
+            if medusa is not None and medusa.mixes_stages:
+                features, pos, stages = self.backbone(img_src, return_stages=True)
+                src, img_mask = features[-1].decompose()
+                img_feat = medusa.mix_stages([s.tensors for s in stages], self.input_proj)  # (B, d_enc, H, W)
+            else:
+                features, pos = self.backbone(img_src)
+                src, img_mask = features[-1].decompose()
+                img_feat = self.input_proj(src)
+            img_pos = pos[-1]
         query_embed = self.query_embeds[task_type][dataset_name].weight
         hs, _ = self.transformer(img_feat, img_mask, img_pos, text_src, text_mask, text_pos, query_embed,
                                  task_type=task_type, dataset_name=dataset_name, task_idx=task_idx,
-                                 conditioning=conditioning)
+                                 conditioning=conditioning, moe_task=moe_task, medusa=medusa)
         if hs.shape[2] != self.num_queries[task_type][dataset_name]:
             raise RuntimeError(f"UniTBaseModel: {hs.shape[2]} queries out, expected "
                                f"{self.num_queries[task_type][dataset_name]}")
@@ -116,13 +132,17 @@ class UniT(nn.Module):
     loss_type}}}``, ``bert`` ``{pretrained, config}``, ``keep_only_bert_cls``,
     ``use_task_embedding_in_lang_encoder``, ``max_task_num``, ``detection_loss_weight``,
     ``loss_on_all_hs``, ``predict_attributes``, ``implementation``, ``autocast_dtype``,
-    ``conditioning``.  It is read once, here; ``forward`` looks nothing up in it.
+    ``conditioning``, ``moe``, ``medusa``.  It is read once, here; ``forward`` looks nothing up in it.
+
+    ``moe_usage()`` reports the experts' slot counts of the last forward; the MoE auxiliary losses
+    are loss keys of their own (``{split}/{ds}/loss_moe_*``, summed over the MoE layers).
 
     ``conditioning``: a ``TaskConditioning`` when any ``model.conditioning`` option is on (built
     last, so the other weights are those of the same seed without it), else None; its
     per-dataset parameters (task embeddings, norm tables) are registered with their datasets.
 
-    Per-dataset parameters (query embeddings, a separate decoder, task tokens, heads) are
+    Per-dataset parameters (query embeddings, a separate decoder, task tokens, heads, the MoE
+    gate task embedding ``moe_task_embeddings.<ds>``, Medusa's gate and scale logits) are
     registered with their dataset's name (``register_dataset_parameters``), so that
     ``dataset_parameters()`` tells them from the shared body (``training.freeze: shared``).
     A dataset's task token is the row ``task_idx`` of MMF's tables (``task_token: table``, MMF's
@@ -134,7 +154,9 @@ class UniT(nn.Module):
         self.cfg = cfg  # kept for reference (export, repr); forward reads the attributes below
         base = cfg["base_args"]
         self._base = base
-        self.unit_base_model = UniTBaseModel(base)
+        moe = moe_options(cfg.get("moe"))  # a bad value is an error even with every option off
+        self._moe = moe if moe_enabled(moe) else None
+        self.unit_base_model = UniTBaseModel(base, moe=self._moe)
         self.bert_model = BertTextEncoder(cfg["bert"].get("pretrained"), cfg["bert"].get("config"))
         bert_hidden = self.bert_model.config.hidden_size
         d_dec = base["decoder_hidden_dim"]
@@ -171,6 +193,22 @@ class UniT(nn.Module):
                 self.conditioning.attach_bert(self.bert_model.module.encoder.layer)
             for ds in datasets:
                 self._register_conditioning(ds, self.conditioning.dataset_prefixes(ds))
+        # model.moe.gate_task: one (1, task_dim) embedding per dataset, read by every MoE gate
+        self.moe_task_embeddings = None
+        if self._moe is not None and self._moe["gate_task"]:
+            self.moe_task_embeddings = nn.ModuleDict()
+            for heads in self.heads.values():
+                for ds in heads:
+                    self._add_moe_task_embedding(ds)
+        self.medusa = None
+        medusa_cfg = cfg.get("medusa")
+        if medusa_enabled(medusa_cfg):  # built last: the other weights are those of the same seed without it
+            images = {ds: task in ("vl", "detection") for task, heads in self.heads.items() for ds in heads}
+            self.medusa = Medusa(medusa_cfg, images, d_dec,
+                                 stage_channels=self.unit_base_model.backbone.stage_channels,
+                                 d_enc=base["encoder_hidden_dim"], enc_layers=base["enc_layers"])
+            for ds in images:
+                self._register_medusa(ds, self.medusa.dataset_prefixes(ds))
         self.implementation = None
         self.set_implementation(cfg.get("implementation", "fast"))
 
@@ -193,6 +231,15 @@ class UniT(nn.Module):
     def _register_conditioning(self, ds, prefixes):
         for prefix in prefixes:
             self.register_dataset_parameters(ds, f"conditioning.{prefix}")
+
+    def _register_medusa(self, ds, prefixes):
+        for prefix in prefixes:
+            self.register_dataset_parameters(ds, f"medusa.{prefix}")
+
+    def _add_moe_task_embedding(self, ds):
+        # N(0, 1) (nn.Embedding's): with the gates zero at init it gets a gradient once W_g has moved
+        self.moe_task_embeddings[ds] = nn.Embedding(1, self._moe["task_dim"])
+        self.register_dataset_parameters(ds, f"moe_task_embeddings.{ds}")
 
     def dataset_parameters(self):
         """``{dataset: [(parameter name, row or None)]}``: every registered per-dataset
@@ -294,6 +341,10 @@ class UniT(nn.Module):
         self._add_head(task, ds, dict(head), {task: {ds: bool(cls)}})
         if self.conditioning is not None:  # its task embedding (and norm table)
             self._register_conditioning(ds, self.conditioning.add_dataset(ds))
+        if self.moe_task_embeddings is not None:
+            self._add_moe_task_embedding(ds)
+        if self.medusa is not None:  # its feature gate (and scale logits, with an image)
+            self._register_medusa(ds, self.medusa.add_dataset(ds, task in ("vl", "detection")))
         self.to(device=ref.device)
         for crit in self.det_losses.values():
             crit.set_implementation(self.implementation, None)
@@ -402,6 +453,11 @@ class UniT(nn.Module):
         # This batch's dataset conditions the shared layers (model.conditioning): one z per forward,
         # so micro-batches of several tasks (training.tasks_per_step) each use their own.
         ctx = None if self.conditioning is None else self.conditioning.context(ds)
+        medusa = None if self.medusa is None else self.medusa.context(ds)
+        moe_task = None if self.moe_task_embeddings is None else self.moe_task_embeddings[ds].weight[0]
+        moes = self._moe_layers()
+        for _, m in moes:  # a layer this batch does not run (another dataset's decoder) reports nothing
+            m.last = None
         text_src = text_mask = text_pos = None
         if task in ("vl", "glue"):
             with contextlib.nullcontext() if ctx is None else self.conditioning.bert_context(ctx):
@@ -414,10 +470,38 @@ class UniT(nn.Module):
                 text_src = ctx.film_text(text_src)  # (B, L, d_dec); FiLM is elementwise: after the CLS cut
         img_src = sample["image"] if task in ("vl", "detection") else None
         out = self.unit_base_model(img_src, text_src, text_mask, text_pos, task_type=task, dataset_name=ds,
-                                   task_idx=head.get("task_idx"), conditioning=ctx)
+                                   task_idx=head.get("task_idx"), conditioning=ctx, moe_task=moe_task,
+                                   medusa=medusa)
         if task == "detection":
-            return self._detection(out["hidden_states"], sample, ds)
-        return self._classification(out["hidden_states"], sample, task, ds)
+            out = self._detection(out["hidden_states"], sample, ds)
+        else:
+            out = self._classification(out["hidden_states"], sample, task, ds)
+        if moes and "losses" in out:
+            out["losses"].update(self._moe_losses(moes, f"{sample.get('dataset_type', 'train')}/{ds}"))
+        return out
+
+    # -- mixture of experts (model.moe) ----------------------------------------------------------
+
+    def _moe_layers(self):
+        """``[(module path, MoEFFN)]`` of the model (a shared decoder's once); empty with moe off."""
+        if self._moe is None:
+            return []
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, MoEFFN)]
+
+    @staticmethod
+    def _moe_losses(moes, prefix):
+        """``{"{prefix}/loss_moe_<name>": ()}``: each auxiliary loss summed over the MoE layers that ran."""
+        total = {}
+        for _, m in moes:
+            for name, value in (m.last or {"losses": {}})["losses"].items():
+                total[name] = total[name] + value if name in total else value
+        return {f"{prefix}/{name}": value for name, value in total.items()}
+
+    def moe_usage(self):
+        """``{MoE layer path: (E,) int64}``: the slots each expert ran (after capacity; padding
+        excluded) in the last forward, for the layers it ran (``model.moe``; ``{}`` when off).
+        The tensors stay on the model's device: reading them is a host sync."""
+        return {n: m.last["usage"] for n, m in self._moe_layers() if m.last is not None}
 
     def _detection(self, hs, sample, ds):
         split = sample.get("dataset_type", "train")

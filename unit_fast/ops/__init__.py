@@ -9,6 +9,7 @@ from unit_fast.ops.hungarian_match import (
     linear_sum_assignment,
 )
 from unit_fast.ops.matching_cost import matching_cost
+from unit_fast.ops.moe_dispatch import moe_dispatch
 from unit_fast.ops.pairwise_giou import pairwise_giou
 
 __all__ = [
@@ -20,5 +21,6 @@ __all__ = [
     "hungarian_match",
     "linear_sum_assignment",
     "matching_cost",
+    "moe_dispatch",
     "pairwise_giou",
 ]

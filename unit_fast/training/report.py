@@ -72,6 +72,8 @@ def tensorboard_scalars(record):
                ("samples_per_s", record["samples_per_s"])]
         out += [(f"loss/{ds}", v) for ds, v in record["task_loss"].items()]
         out += list(record["losses"].items())
+        out += [(f"experts/{ds}/{layer}/{e}", share) for ds, layers in record.get("expert_usage", {}).items()
+                for layer, shares in layers.items() for e, share in enumerate(shares)]
     elif event == "eval":
         out = [(f"eval/{ds}/{name}", v) for ds, metrics in record["metrics"].items()
                for name, v in metrics.items()]
@@ -184,4 +186,33 @@ def plot_log(log_path, plots_dir):
         axes[0].text(0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=axes[0].transAxes)
     metrics_path = os.path.join(plots_dir, "metrics.png")
     atomic_write(metrics_path, lambda f: fig.savefig(f, format="png", dpi=100))
+    if any("expert_usage" in r for r in records):
+        plot_expert_usage(records, os.path.join(plots_dir, "expert_usage.png"))
     return loss_path, metrics_path
+
+
+def plot_expert_usage(records, path):
+    """``model.moe``: one heatmap per MoE layer, datasets x experts, of the mean share of each
+    dataset's slots that each expert took over the run's train records (which experts each task
+    uses: specialisation shows as bright cells off a uniform grey)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    shares = {}  # {layer: {dataset: [per-record share lists]}}
+    for r in records:
+        for ds, layers in r.get("expert_usage", {}).items() if r.get("event") == "train" else ():
+            for layer, s in layers.items():
+                shares.setdefault(layer, {}).setdefault(ds, []).append(s)
+    layers = sorted(shares)
+    height = 0.6 * max(len(v) for v in shares.values()) + 2
+    fig = Figure(figsize=(5 * len(layers), height), layout="constrained")
+    axes = fig.subplots(1, len(layers), squeeze=False).ravel()
+    for ax, layer in zip(axes, layers, strict=True):
+        names = sorted(shares[layer])
+        grid = np.array([np.mean(shares[layer][ds], axis=0) for ds in names])  # (datasets, E)
+        image = ax.imshow(grid, vmin=0.0, vmax=max(1e-9, float(grid.max())), cmap="viridis", aspect="auto")
+        ax.set(yticks=range(len(names)), yticklabels=names, xlabel="expert",
+               title=layer.replace("unit_base_model.", ""))
+        fig.colorbar(image, ax=ax, label="share of the dataset's slots")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    return path
