@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.test_train import assert_same_params, child_env, params, small_config, train_losses
-from tests.test_train_ddp import square_config  # noqa: F401 (a fixture)
+from tests.test_train_ddp import square_config, torchrun_train  # noqa: F401 (a fixture)
 from unit_fast.config import load_config
 from unit_fast.train import Trainer, UsageError, main
 from unit_fast.training import checkpoint as ckpt
@@ -251,10 +251,7 @@ def test_torchrun_uncertainty_equals_one_process(square_config, tmp_path):  # no
                  "training.loss_weighting=uncertainty", "training.uncertainty.lr=0.01", "training.eps=1.0e-3",
                  *MIXED]
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "unit_fast.train", "--config", square_config, "--output-dir", str(out), *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=child_env())
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_train(square_config, out, overrides)
     single = Trainer(load_config(square_config, overrides), str(tmp_path / "single"))
     single.train(progress=False)
     ddp = ckpt.load(str(out / "checkpoints" / "checkpoint_00000002.pt"))

@@ -81,6 +81,16 @@ def square_config(train_cache, tmp_path_factory):
     return str(path)
 
 
+def torchrun_train(config, out, overrides, timeout=300):
+    """``torchrun --nproc_per_node=2 -m unit_fast.train --config config --output-dir out overrides``
+    against 2 gloo ranks on this CPU; asserts it exits 0 (the stderr tail otherwise)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "unit_fast.train", "--config", config, "--output-dir", str(out), *overrides]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 def test_two_process_ddp_equals_one_process(square_config, tmp_path):
     """``torchrun --nproc_per_node=2``: both ranks draw the same tasks, each trains on its half
     of the 1-process run's global batch of 4 (rows ``r::2``, as each rank records), DDP averages

@@ -5,15 +5,13 @@ all-reduce the probe scores; bad options are one-line errors."""
 
 import copy
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.test_train import assert_same_params, child_env, params, small_config, train_losses
-from tests.test_train_ddp import square_config  # noqa: F401 (a fixture)
+from tests.test_train import assert_same_params, params, small_config, train_losses
+from tests.test_train_ddp import square_config, torchrun_train  # noqa: F401 (a fixture)
 from unit_fast.config import load_config
 from unit_fast.train import Trainer, main
 from unit_fast.training.report import read_log
@@ -164,10 +162,7 @@ def test_torchrun_ranks_all_reduce_the_probe_scores(square_config, tmp_path):  #
                  "training.sampling_mode=uncertainty",
                  "training.uncertainty.probe_every=1", "training.uncertainty.lambda=1.0"]
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "unit_fast.train", "--config", square_config, "--output-dir", str(out), *overrides]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=child_env())
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_train(square_config, out, overrides)
     single = Trainer(load_config(square_config, overrides), str(tmp_path / "single"))
     single.train(progress=False)
     ddp, one = _probe_records(out), _probe_records(tmp_path / "single")
