@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import conditioning, sampling, weighting
+from experiments import add_task, conditioning, moe_capacity, sampling, weighting
 from experiments.common import all_finite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def check_common(data, name, baseline):
     return len(data["config"]["seeds"])
 
 
-@pytest.mark.parametrize("name", ["sampling", "weighting", "conditioning"])
+@pytest.mark.parametrize("name", ["sampling", "weighting", "conditioning", "moe_capacity", "add_task"])
 def test_smoke(name, tmp_path):
     data = run_smoke(name, tmp_path)
     CHECKS[name](data)
@@ -97,4 +97,44 @@ def check_conditioning(data):
     assert 0.0 <= summary["none"]["mean_accuracy"]["mean"] <= 1.0
 
 
-CHECKS = {"sampling": check_sampling, "weighting": check_weighting, "conditioning": check_conditioning}
+def check_moe_capacity(data):
+    n = check_common(data, "moe_capacity", "dense_small")
+    summary = data["summary"]
+    assert list(summary) == list(moe_capacity.VARIANTS)
+    for variant, s in summary.items():
+        assert set(s["mse"]) == set(moe_capacity.TASKS), variant
+        for stat in (*s["mse"].values(), s["mean_mse"], s["gain_vs_dense_small"], s["seconds"]):
+            check_stat(stat, n)
+        is_moe = variant.startswith("moe")
+        assert ("cv_load" in s) == is_moe and ("mi_bits" in s) == is_moe, variant
+        if is_moe:
+            for key in ("cv_load", "mi_bits", "cv_load_train", "mi_bits_train"):
+                check_stat(s[key], n)
+            assert all(0.0 <= x <= data["max_cv_load"] + 1e-6 for x in s["cv_load"]["values"]), variant
+            assert all(-1e-6 <= x <= 3.0 + 1e-6 for x in s["mi_bits"]["values"]), variant
+    small, moe1 = summary["dense_small"], summary["moe_k1"]
+    # the same active expert FLOPs (+ the gate)
+    assert moe1["ffn_mult_adds_per_token"] < 2 * small["ffn_mult_adds_per_token"]
+    assert moe1["ffn_parameters"] > 6 * small["ffn_parameters"]
+    assert abs(summary["dense_8x"]["ffn_parameters"] / moe1["ffn_parameters"] - 1) < 0.1  # same parameters
+
+
+def check_add_task(data):
+    n = check_common(data, "add_task", "plain")
+    summary = data["summary"]
+    assert list(summary) == list(add_task.VARIANTS)
+    for variant, s in summary.items():
+        for key in ("joint_accuracy", "added_accuracy", "ratio", "ratio_chance_corrected"):
+            assert set(s[key]) == set(add_task.TASKS), (variant, key)
+            for stat in s[key].values():
+                check_stat(stat, n)
+        check_stat(s["mean_ratio"], n)
+        assert s["all_old_params_bitwise_equal"] is True and s["all_old_outputs_bitwise_equal"] is True
+        assert all(p.startswith(("query_embed.", "heads.", "medusa.")) for p in s["trained_parameters"])
+    assert not any(p.startswith("medusa.") for p in summary["plain"]["trained_parameters"])
+    multiscale = summary["feature+multiscale"]["trained_parameters"]
+    assert any(p.startswith("medusa.layer_logits.") for p in multiscale)
+
+
+CHECKS = {"sampling": check_sampling, "weighting": check_weighting, "conditioning": check_conditioning,
+          "moe_capacity": check_moe_capacity, "add_task": check_add_task}
