@@ -39,6 +39,7 @@ from experiments.common import (
     one_thread,
     parse_args,
     pyplot,
+    run_grid,
     save_figure,
     seed_everything,
     task_loss,
@@ -208,16 +209,8 @@ def main():
     one_thread()
     start = time.perf_counter()
     cfg = SMOKE if args.smoke else FULL
-    runs = {v: [] for v in VARIANTS}
-    for seed in cfg["seeds"]:
-        tasks = make_tasks(cfg, seed)
-        for v in VARIANTS:
-            r = run(v, tasks, cfg, seed)
-            runs[v].append(r)
-            print(f"seed {seed} {v:18s} {r['seconds']:6.1f}s ratio={r['mean_ratio']:.3f} "
-                  + " ".join(f"{h}={r['added'][h]['accuracy']:.3f}/{r['joint_accuracy'][h]:.3f}"
-                             for h in TASKS),
-                  flush=True)
+    runs = run_grid(cfg, VARIANTS, make_tasks, run, lambda r: f"ratio={r['mean_ratio']:.3f} " + " ".join(
+        f"{h}={r['added'][h]['accuracy']:.3f}/{r['joint_accuracy'][h]:.3f}" for h in TASKS))
     summary = summarize(runs)
     write_json(args.out, NAME, {"experiment": NAME, "smoke": args.smoke,
                                 "wall_seconds": time.perf_counter() - start, "config": cfg, "shape": SHAPE,

@@ -148,3 +148,17 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def run_grid(cfg, variants, make_tasks, run, describe):
+    """``{variant: [run result per seed]}``: for each seed of ``cfg["seeds"]`` the tasks are made
+    once (the same data and initialisation for every variant of a seed), then every variant runs
+    on them in order; ``describe(result)`` is the progress line's tail."""
+    runs = {v: [] for v in variants}
+    for seed in cfg["seeds"]:
+        tasks = make_tasks(cfg, seed)
+        for v in variants:
+            r = run(v, tasks, cfg, seed)
+            runs[v].append(r)
+            print(f"seed {seed} {v:26s} {r['seconds']:6.1f}s {describe(r)}", flush=True)
+    return runs

@@ -34,6 +34,7 @@ from experiments.common import (
     one_thread,
     parse_args,
     pyplot,
+    run_grid,
     save_figure,
     seed_everything,
     task_loss,
@@ -159,14 +160,8 @@ def main():
     one_thread()
     start = time.perf_counter()
     cfg = SMOKE if args.smoke else FULL
-    runs = {v: [] for v in VARIANTS}
-    for seed in cfg["seeds"]:
-        tasks = make_tasks(cfg, seed)
-        for v in VARIANTS:
-            runs[v].append(run(v, tasks, cfg, seed))
-            r = runs[v][-1]
-            print(f"seed {seed} {v:18s} {r['seconds']:6.1f}s mean={r['mean_accuracy']:.3f} "
-                  + " ".join(f"{n}={a:.3f}" for n, a in r["metrics"].items()), flush=True)
+    runs = run_grid(cfg, VARIANTS, make_tasks, run, lambda r: f"mean={r['mean_accuracy']:.3f} "
+                    + " ".join(f"{n}={a:.3f}" for n, a in r["metrics"].items()))
     summary = summarize(runs)
     chance = {n: t.chance for n, t in make_tasks(cfg, cfg["seeds"][0]).items()}
     write_json(args.out, NAME, {"experiment": NAME, "smoke": args.smoke,

@@ -41,6 +41,7 @@ from experiments.common import (
     one_thread,
     parse_args,
     pyplot,
+    run_grid,
     save_figure,
     seed_everything,
     task_loss,
@@ -219,14 +220,8 @@ def main():
     one_thread()
     start = time.perf_counter()
     cfg = SMOKE if args.smoke else FULL
-    runs = {v: [] for v in VARIANTS}
-    for seed in cfg["seeds"]:
-        tasks = make_tasks(cfg, seed)
-        for v in VARIANTS:
-            r = run(v, tasks, cfg, seed)
-            runs[v].append(r)
-            extra = f" cv={r['cv_load']:.2f} mi={r['mi_bits']:.2f}" if "cv_load" in r else ""
-            print(f"seed {seed} {v:18s} {r['seconds']:6.1f}s mean_mse={r['mean_mse']:.3f}{extra}", flush=True)
+    runs = run_grid(cfg, VARIANTS, make_tasks, run, lambda r: f"mean_mse={r['mean_mse']:.3f}"
+                    + (f" cv={r['cv_load']:.2f} mi={r['mi_bits']:.2f}" if "cv_load" in r else ""))
     summary = summarize(runs)
     write_json(args.out, NAME, {"experiment": NAME, "smoke": args.smoke,
                                 "wall_seconds": time.perf_counter() - start, "config": cfg, "shape": SHAPE,

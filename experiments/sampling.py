@@ -31,6 +31,7 @@ from experiments.common import (
     one_thread,
     parse_args,
     pyplot,
+    run_grid,
     save_figure,
     seed_everything,
     task_loss,
@@ -199,14 +200,8 @@ def main():
     one_thread()
     start = time.perf_counter()
     cfg = SMOKE if args.smoke else FULL
-    runs = {m: [] for m in METHODS}
-    for seed in cfg["seeds"]:
-        tasks = make_tasks(cfg, seed)  # the same data and initialisation for every method of a seed
-        for method in METHODS:
-            runs[method].append(run(method, tasks, cfg, seed))
-            r = runs[method][-1]
-            print(f"seed {seed} {method:26s} {r['seconds']:6.1f}s "
-                  + " ".join(f"{n}={v:.3f}" for n, v in r["metrics"].items()), flush=True)
+    runs = run_grid(cfg, METHODS, make_tasks, run,
+                    lambda r: " ".join(f"{n}={v:.3f}" for n, v in r["metrics"].items()))
     names = list(cfg["sizes"])
     summary = summarize(runs, names)
     chance = {n: t.chance for n, t in make_tasks(cfg, cfg["seeds"][0]).items()}
