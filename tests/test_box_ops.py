@@ -133,3 +133,38 @@ def test_matching_cost_is_exported():
     from unit_fast.ops.matching_cost import matching_cost
 
     assert box_ops.matching_cost is matching_cost
+
+
+def _detr_masks_to_boxes(masks):
+    """DETR's ``util/box_ops.masks_to_boxes`` formula (coordinate grid, masked min / max)."""
+    h, w = masks.shape[-2:]
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float), torch.arange(w, dtype=torch.float), indexing="ij")
+    inside = masks.bool()
+    x_max = (masks * x).flatten(1).max(-1)[0]
+    x_min = x.expand_as(masks).masked_fill(~inside, 1e8).flatten(1).min(-1)[0]
+    y_max = (masks * y).flatten(1).max(-1)[0]
+    y_min = y.expand_as(masks).masked_fill(~inside, 1e8).flatten(1).min(-1)[0]
+    return torch.stack([x_min, y_min, x_max, y_max], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32])
+def test_masks_to_boxes_matches_detr_and_torchvision(dtype):
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(6, 13, 17)
+    for i in range(6):  # a random rectangle plus a stray pixel per mask: no empty mask
+        y0, x0 = torch.randint(0, 10, (2,), generator=g).tolist()
+        masks[i, y0:y0 + 1 + i % 3, x0:x0 + 2 + i % 4] = 1
+        masks[i, int(torch.randint(0, 13, (1,), generator=g)), int(torch.randint(0, 17, (1,), generator=g))] = 1
+    masks = masks.to(dtype)
+    got = box_ops.masks_to_boxes(masks)
+    assert got.dtype == torch.float32 and got.shape == (6, 4)
+    torch.testing.assert_close(got, _detr_masks_to_boxes(masks.float()), rtol=0, atol=0)
+    torch.testing.assert_close(got, tvo.masks_to_boxes(masks), rtol=0, atol=0)
+
+
+def test_masks_to_boxes_empty_and_bad_input():
+    assert box_ops.masks_to_boxes(torch.zeros(0, 5, 5)).shape == (0, 4)
+    empty = torch.zeros(1, 4, 4, dtype=torch.bool)
+    assert box_ops.masks_to_boxes(empty).tolist() == [[0.0, 0.0, 0.0, 0.0]]  # torchvision's, documented
+    with pytest.raises(ValueError, match=r"\(N, H, W\).*\(4, 4\)"):
+        box_ops.masks_to_boxes(torch.ones(4, 4))

@@ -10,6 +10,9 @@ Differences from the reference, all deliberate:
   training-path ops (``matching_cost``, ``box_loss``) check nothing and never sync.
 - ``generalized_box_iou_loss`` (matched pairs, torchvision semantics) and ``matching_cost``
   (the matcher's per-image cost, ``unit_fast.ops.matching_cost``) are additions.
+- ``masks_to_boxes`` is torchvision's (``torchvision.ops.masks_to_boxes``), which DETR's
+  panoptic code imports from its ``box_ops``; it differs from DETR's own only on an all-zero mask,
+  whose box is ``[0, 0, 0, 0]`` where DETR's gives ``[1e8, 1e8, 0, 0]``.
 - ``generalized_box_iou`` runs ``unit_fast.ops.pairwise_giou``: Triton on CUDA, the reference
   composition on CPU (``UNIT_FAST_BACKEND`` overrides).
 
@@ -19,6 +22,7 @@ module imports).
 """
 
 import torch
+import torchvision
 
 from unit_fast.ops.boxes import box_area, box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
 from unit_fast.ops.matching_cost import matching_cost
@@ -31,6 +35,7 @@ __all__ = [
     "box_xyxy_to_cxcywh",
     "generalized_box_iou",
     "generalized_box_iou_loss",
+    "masks_to_boxes",
     "matching_cost",
 ]
 
@@ -102,3 +107,19 @@ def generalized_box_iou_loss(boxes1, boxes2, reduction="none", eps=1e-7):
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def masks_to_boxes(masks):
+    """The xyxy box around each mask: ``torchvision.ops.masks_to_boxes``, as DETR's ``box_ops`` offers it.
+
+    Args:
+        masks: ``(N, H, W)``, any dtype (non-zero = inside).
+
+    Returns:
+        ``(N, 4)`` float32 ``x0, y0, x1, y1`` in pixels (inclusive, as DETR's); ``(0, 4)`` for
+        ``N = 0``; ``[0, 0, 0, 0]`` for an all-zero mask (DETR's own gives ``[1e8, 1e8, 0, 0]``).
+    """
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
+        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise ValueError(f"masks_to_boxes: masks must be an (N, H, W) tensor, got {shape}")
+    return torchvision.ops.masks_to_boxes(masks)

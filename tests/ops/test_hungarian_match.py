@@ -303,6 +303,8 @@ def test_lsa_identical_to_scipy(shape, kind, maximize):
         np.array([[3, 1], [2, 2]], dtype=np.int32),
         np.array([[3, 1], [2, 2]], dtype=np.float32),
         np.array([[np.inf, 1.0], [1.0, np.inf]]),
+        [["1", "2.5"], ["0", "3"]],  # a list converts element by element: numeric strings are numbers
+        ((1, 2), (3, 4)),
     ],
 )
 def test_lsa_accepts_what_scipy_accepts(value):
@@ -324,6 +326,14 @@ def test_lsa_accepts_what_scipy_accepts(value):
         (np.array([["a", "b"], ["c", "d"]]), False),
         (np.array([[1 + 1j, 2], [3, 4]]), False),
         (np.array([[object(), 1], [1, 1]], dtype=object), False),
+        # Lists convert element by element (ValueError for a non-numeric string, NaN for None,
+        # TypeError for complex), arrays by numpy's "safe" cast (TypeError above).
+        ([["a", "b"], ["c", "d"]], False),
+        ([[1, "x"]], False),
+        ([[None, 1.0], [1.0, 1.0]], False),
+        ([[1 + 2j, 3]], False),
+        ([[1, 2], [3]], False),
+        (["a", "b"], False),
     ],
 )
 def test_lsa_raises_what_scipy_raises(value, maximize):

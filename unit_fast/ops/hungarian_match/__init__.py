@@ -142,7 +142,9 @@ def linear_sum_assignment(cost_matrix, maximize=False):
     the input tensor's device.  ``row_ind`` is sorted and ties are broken exactly as scipy
     breaks them (the same algorithm and operation order, in float64), so results are equal
     to scipy's.  Raises what scipy raises: ``ValueError`` for a non-2-D input, NaN or
-    ``-inf`` entries, or an infeasible matrix; ``TypeError`` for non-numeric data.
+    ``-inf`` entries (``None`` in a list counts as NaN), an infeasible matrix, or a list entry
+    that is not a number (``"a"``); ``TypeError`` for complex entries and for string, object or
+    complex arrays (numpy's "safe" cast), as scipy does.
     """
     if isinstance(cost_matrix, torch.Tensor):
         if cost_matrix.dim() != 2:
@@ -151,11 +153,18 @@ def linear_sum_assignment(cost_matrix, maximize=False):
             raise TypeError(f"Cannot cast tensor of dtype {cost_matrix.dtype} to float64 safely")
         cost = cost_matrix.detach().to(torch.float64)
     else:
-        arr = np.asarray(cost_matrix)
+        if isinstance(cost_matrix, np.ndarray):
+            # An array converts with numpy's "safe" rule, as scipy's: string, object and complex
+            # arrays raise TypeError.
+            arr = cost_matrix.astype(np.float64, casting="safe")
+        else:
+            # Anything else converts element by element, as scipy's: a string that is not a
+            # number raises ValueError, a complex number TypeError, None becomes NaN (which
+            # raises ValueError below).
+            arr = np.asarray(cost_matrix, dtype=np.float64)
         if arr.ndim != 2:
             raise ValueError(f"expected a matrix (2-D array), got a {arr.ndim} array")
-        # scipy converts with numpy's "safe" rule: strings, objects and complex raise TypeError.
-        cost = torch.from_numpy(np.ascontiguousarray(arr.astype(np.float64, casting="safe")))
+        cost = torch.from_numpy(np.ascontiguousarray(arr))
     N, M = cost.shape
     assign = hungarian_match(cost[None], None, bool(maximize), True)[0]
     if N and M:
