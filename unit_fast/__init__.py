@@ -26,6 +26,11 @@ _LAZY = {
     "save_mmf_checkpoint": "unit_fast.models.checkpoint",
     "load_config": "unit_fast.config",
     "TaskKind": "unit_fast.tasks",
+    "Predictor": "unit_fast.predictor",
+    # The drop-in patches import no model code; lazy only to keep `import unit_fast` minimal.
+    "PatchReport": "unit_fast.patch",
+    "patch_detr": "unit_fast.patch",
+    "patch_transformers": "unit_fast.patch",
     "register_task_kind": "unit_fast.tasks",
 }
 
@@ -44,6 +49,8 @@ __all__ = [
     "BoxLoss",
     "HungarianMatcher",
     "MultiheadAttention",
+    "PatchReport",
+    "Predictor",
     "TaskKind",
     "UniT",
     "add_task",
@@ -57,6 +64,8 @@ __all__ = [
     "matching_cost",
     "pairwise_giou",
     "patch_attention",
+    "patch_detr",
+    "patch_transformers",
     "register_task_kind",
     "save_mmf_checkpoint",
 ]

@@ -1,8 +1,12 @@
-"""``python -m unit_fast.predict --checkpoint PATH [--image PATH] [--question TEXT | --hypothesis TEXT
-| --text TEXT [--text-pair TEXT]] [--task DATASET] [--threshold 0.5] [--top-k 5]
-[--save-image OUT.png] [--json] [--device cpu|cuda|auto] [--config NAME|PATH] [key=value ...]``
+"""``python -m unit_fast.predict --checkpoint PATH [--image PATH | --images DIR|GLOB] [--question TEXT |
+--hypothesis TEXT | --text TEXT [--text-pair TEXT]] [--task DATASET] [--threshold 0.5] [--top-k 5]
+[--batch-size 8] [--output FILE] [--save-image OUT.png] [--json] [--device cpu|cuda|auto]
+[--config NAME|PATH] [--trust-checkpoint] [key=value ...]``
 
-One prediction of a trained UniT on one input.  The task follows from the input, by the task
+Predictions of a trained UniT (``unit_fast.Predictor``, which holds the model-running logic) on
+one input, or on many images (``--images``: a folder's image files or a glob, in batches of
+``--batch-size``, with a progress bar on stderr; a ``--question`` / ``--hypothesis`` is asked of
+every image).  The task follows from the input, by the task
 kind that takes exactly those inputs (``predict_inputs`` of ``unit_fast/tasks``):
 
   ``--image`` alone            ``detection``: every query scoring at least ``--threshold``, as
@@ -18,7 +22,15 @@ dataset (test-time resize, MMF's token layout and the run's max length) and ``Ba
 so a prediction equals the model's output on the same val item.  Tokenizer, answers, category
 and label names, image sizes and text lengths come from the checkpoint's ``"meta"``
 (``training/metadata.py``); a checkpoint without it (MMF, or an older trainer) needs the
-configured data to rebuild it.  ``--json`` prints the result as one JSON object.
+configured data to rebuild it.  ``--json`` prints the result as one JSON object (with
+``--images``: one line per image, with its ``"image"`` path).
+
+``--output FILE`` writes the results atomically: for detection in COCO's results format
+(``[{"image_id", "category_id", "bbox": [x, y, w, h] original pixels, "score"}]``; the
+``image_id`` is the file's stem as an int where it is one, as COCO names its files
+(``000000397133.jpg`` -> 397133), else the file name; ``category_id`` the raw category id;
+only detections scoring at least ``--threshold``, so use ``--threshold 0`` for COCO AP), for the
+other kinds JSON Lines: one result per input, with its ``"image"`` file where it has one.
 
 Bad input (a missing checkpoint or image, a task the model does not serve, inputs that do not fit
 the task, an unknown config key or malformed override) prints one ``error:`` line and exits 2.
@@ -29,14 +41,14 @@ import json
 import os
 import sys
 
-import torch
-
 from unit_fast.atomic import atomic_write, image_format
 from unit_fast.config import packaged_configs_epilog
+from unit_fast.predictor import INPUTS, KEYWORDS, Predictor, served_kinds
+from unit_fast.predictor import choose_dataset as choose_dataset_of
 from unit_fast.training import restore
 from unit_fast.training.batches import resolve_device
 
-INPUTS = ("image", "question", "hypothesis", "text", "text_pair")
+__all__ = ["choose_dataset", "coco_results", "draw_detections", "list_images", "main", "served_kinds"]
 _COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
 
 
@@ -58,7 +70,9 @@ the task kind:
 
 --task DATASET picks the dataset where the model serves several of one kind
 (the embedded default has two GLUE tasks, glue_sst2 and glue_qnli). --json
-prints the result as one JSON object. A picture like the synthetic training
+prints the result as one JSON object. --images DIR|GLOB predicts every image
+of a folder (or a quoted glob) in batches of --batch-size; --output FILE
+writes COCO results JSON for detection, JSON Lines for the other kinds. A picture like the synthetic training
 images, to try a model on, is written by
 
   python -m unit_fast.data.sample_image shapes.jpg
@@ -72,6 +86,11 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     restore.add_checkpoint_arguments(p)
     p.add_argument("--image", default=None, help="a JPEG or PNG image")
+    p.add_argument("--images", default=None, metavar="DIR|GLOB",
+                   help="many images, predicted in batches: a folder's image files, or a quoted glob")
+    p.add_argument("--batch-size", type=int, default=8, help="--images: images per forward (default 8)")
+    p.add_argument("--output", default=None,
+                   help="write the results: COCO results JSON for detection, else JSON Lines (one per input)")
     p.add_argument("--question", default=None, help="a question about --image (vqa2)")
     p.add_argument("--hypothesis", default=None, help="a hypothesis about --image (visual_entailment)")
     p.add_argument("--text", default=None, help="a sentence (GLUE)")
@@ -88,128 +107,72 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def served_kinds(cfg):
-    """``{dataset: TaskKind}`` of the datasets the configured model serves."""
-    from unit_fast.tasks import model_kind
-
-    return {ds: model_kind(ds, task, cfg["model"]["heads"].get(task, {}).get(ds))
-            for ds, task in restore.model_datasets(cfg).items()}
-
-
 def _flag(name):
     return f"--{name.replace('_', '-')}"
 
 
-def _takes(kind, given):
-    required, optional = kind.predict_inputs
-    return set(required) <= given <= set(required) | set(optional)
+def _namer(args):
+    """How errors name an input: its flag (``--images`` for the images of ``--images``)."""
+    return lambda n: "--images" if n == "image" and args.images is not None else _flag(n)
 
 
 def choose_dataset(args, served):
     """The dataset to predict for, from the inputs given and ``served`` (``{dataset: TaskKind}``):
     ``--task``, else the one served dataset whose kind takes exactly the inputs given."""
-    texts = [f"--{name}" for name in ("question", "hypothesis", "text") if getattr(args, name) is not None]
-    if len(texts) > 1:
-        raise ValueError(f"give one of --question, --hypothesis, --text; got {' and '.join(texts)}")
     given = {n for n in INPUTS if getattr(args, n) is not None}
-    if args.task is not None:
-        if args.task not in served:
-            raise ValueError(f"--task {args.task!r}: this model serves {', '.join(served)}")
-        ds = args.task
-    else:
-        if not given:
-            raise ValueError("nothing to predict: give --image (detection), --image with --question "
-                             "(vqa) or --hypothesis (image-text classification), or --text (text classification)")
-        from unit_fast.tasks import KINDS
-
-        wanted = [k for k in KINDS.values() if _takes(k, given)]
-        options = [d for d, k in served.items() if k in wanted]
-        flags = " ".join(_flag(n) for n in INPUTS if n in given)
-        if not options:
-            if not wanted:
-                raise ValueError(f"no task kind takes {flags}")
-            names = ", ".join(k.name for k in wanted)
-            raise ValueError(f"{flags} asks for a {names} task, which this model does not serve; "
-                             f"it has: {', '.join(served)}")
-        if len(options) > 1:
-            raise ValueError(f"this model has several {', '.join(k.name for k in wanted)} datasets "
-                             f"({', '.join(options)}): choose one with --task")
-        ds = options[0]
-    required, optional = served[ds].predict_inputs
-    missing = [_flag(n) for n in required if getattr(args, n) is None]
-    extra = [_flag(n) for n in INPUTS if getattr(args, n) is not None and n not in required and n not in optional]
-    if missing or extra:
-        problems = ([f"needs {', '.join(missing)}"] if missing else []) + \
-                   ([f"takes no {', '.join(extra)}"] if extra else [])
-        raise ValueError(f"{ds}: {'; '.join(problems)}")
+    if getattr(args, "images", None) is not None:
+        given.add("image")
+    ds = choose_dataset_of(given, args.task, served, _namer(args))
     if args.save_image is not None and served[ds].model_task != "detection":
         raise ValueError("--save-image draws detections: it needs a detection task")
     return ds
 
 
-def _metadata(checkpoint, cfg, ds):
-    """The run metadata: the checkpoint's, else rebuilt from the configured data of ``ds``."""
-    meta = checkpoint.meta
-    if meta is None:
-        from unit_fast.training.metadata import run_metadata
-
-        try:
-            data = restore.build_eval_data(cfg, [ds])
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"checkpoint {checkpoint.path!r} has no run metadata (not written by "
-                             "unit_fast.train), and the configured data to rebuild it cannot be read: "
-                             f"{restore.one_line(exc)}") from None
-        meta = run_metadata(cfg, data)
-    if ds not in meta.get("datasets", {}):
-        raise ValueError(f"checkpoint {checkpoint.path!r}: its metadata has no entry for {ds}")
-    return meta
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def build_batch(ds, kind, meta, args, decoder=None):
-    """The one-item batch of the input, made as evaluation makes one: the kind's one-record val
-    dataset (test-time resize, MMF's token layout, the run's max length) and ``BatchCollator``
-    (``dataset_type="test"``; ``targets`` None, so no loss is computed).
+def list_images(pattern):
+    """The image files ``--images`` names, sorted: a folder's files with an image suffix
+    (``IMAGE_SUFFIXES``, any case; not its subfolders), or the files a glob matches."""
+    import glob
 
-    Returns ``(batch, size)``: ``batch`` as ``UniT.forward`` takes it (``image`` a NestedTensor
-    ``(1, 3, H, W)`` float32 normalised, for detection and vl; ``input_ids``, ``input_mask``,
-    ``segment_ids`` ``(1, max_length)`` int64 for vl and glue); ``size`` the original image's
-    ``(h, w)`` in pixels, or None without an image."""
-    from PIL import Image
-
-    from unit_fast.data import datasets as D
-    from unit_fast.training.metadata import image_sizes_from_metadata, tokenizer_from_metadata
-
-    entry = meta["datasets"][ds]
-    size = sizes = None
-    inputs = {n: getattr(args, n) for n in INPUTS if getattr(args, n) is not None}
-    if args.image is not None:
-        if not os.path.isfile(args.image):
-            raise FileNotFoundError(f"--image {args.image!r} does not exist")
-        try:
-            with Image.open(args.image) as im:  # the header only
-                w, h = im.size
-        except OSError as exc:  # PIL's UnidentifiedImageError
-            raise ValueError(f"--image: {exc}") from None
-        size = inputs["size"] = (h, w)
-        sizes = image_sizes_from_metadata(entry)
-    tokenizer = None if kind.text_length is None else tokenizer_from_metadata(meta)
-    dataset = kind.predict_dataset(ds, entry, inputs, tokenizer, sizes)
-    batch = D.BatchCollator(ds, decoder=decoder, dataset_type="test")([dataset[0]])
-    batch["targets"] = None  # a prediction: no loss
-    return batch, size
+    if os.path.isdir(pattern):
+        files = [os.path.join(pattern, f) for f in os.listdir(pattern)
+                 if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(pattern, f))]
+        where = f"folder {pattern!r} has no {', '.join(IMAGE_SUFFIXES)} files"
+    else:
+        files = [f for f in glob.glob(pattern) if os.path.isfile(f)]
+        where = f"{pattern!r} is no folder and matches no file"
+    if not files:
+        raise FileNotFoundError(f"--images: {where}")
+    return sorted(files)
 
 
-@torch.no_grad()
-def predict(model, batch, ds, kind, meta, cfg, size, device, threshold=0.5, top_k=5):
-    """The model's prediction on ``batch`` as a JSON-like dict with ``dataset``, ``kind`` and
-    ``task``, and: detection ``image_size [w, h]``, ``threshold``, ``detections`` (label, name,
-    score, box in original-image pixels); vqa ``answer``, ``score``, ``top [{answer, score}]``;
-    classification kinds ``label``, ``index``, ``probabilities {label: p}``."""
-    from unit_fast.training.batches import to_device
+def coco_image_id(path):
+    """The COCO ``image_id`` of an image file: its stem as an int where it is one
+    (``000000397133.jpg`` -> 397133, as COCO names its files), else the file name."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return int(stem) if stem.isdigit() else os.path.basename(path)
 
-    out = model(to_device(batch, device))
-    head = cfg["model"]["heads"][kind.model_task][ds]
-    return kind.predict_result(ds, out, meta["datasets"][ds], head, size, {"threshold": threshold, "top_k": top_k})
+
+def coco_results(results, paths):
+    """Detections in COCO's results format: ``[{"image_id", "category_id", "bbox": [x, y, w, h]
+    original-image pixels, "score"}]``, image by image, best first."""
+    return [{"image_id": coco_image_id(path), "category_id": d["label"],
+             "bbox": [d["box"][0], d["box"][1], d["box"][2] - d["box"][0], d["box"][3] - d["box"][1]],
+             "score": d["score"]}
+            for r, path in zip(results, paths, strict=True) for d in r["detections"]]
+
+
+def write_output(path, results, paths):
+    """``--output``: COCO results JSON for detection, else JSON Lines (one result per input,
+    with its ``"image"`` file where it has one); written atomically."""
+    if results and results[0]["kind"] == "detection":
+        text = json.dumps(coco_results(results, paths)) + "\n"
+    else:
+        text = "".join(json.dumps({**({"image": p} if p is not None else {}), **r}) + "\n"
+                       for r, p in zip(results, paths, strict=True))
+    atomic_write(path, text.encode())
 
 
 def drawing_scale(width, height):
@@ -258,11 +221,14 @@ def draw_detections(image_path, detections, out_path):
     atomic_write(out_path, lambda f: canvas.save(f, format=image_format(out_path, "--save-image")))
 
 
-def format_result(r, args):
-    """The human-readable lines of a prediction (its kind's)."""
+def format_result(r, args, image=None):
+    """The human-readable lines of a prediction (its kind's); ``image``: the file, for ``--images``."""
     from unit_fast.tasks import task_kind
 
-    return task_kind(r["kind"]).format_result(r, {n: getattr(args, n) for n in INPUTS})
+    inputs = {n: getattr(args, n) for n in INPUTS}
+    if image is not None:
+        inputs["image"] = image
+    return task_kind(r["kind"]).format_result(r, inputs)
 
 
 def main(argv=None):
@@ -272,25 +238,42 @@ def main(argv=None):
             raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
         if args.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-        if args.save_image is not None:
-            restore.check_output_folder(args.save_image, "--save-image")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.images is not None and args.image is not None:
+            raise ValueError("give --image or --images, not both")
+        if args.images is not None and args.save_image is not None:
+            raise ValueError("--save-image draws one --image: it does not take --images")
+        for path, option in ((args.save_image, "--save-image"), (args.output, "--output")):
+            if path is not None:
+                restore.check_output_folder(path, option)
+        paths = list_images(args.images) if args.images is not None else [args.image]
         device = resolve_device(args.device)
-        checkpoint = restore.read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
-        cfg = restore.checkpoint_config(checkpoint, args.config, args.overrides)
-        served = served_kinds(cfg)
-        ds = choose_dataset(args, served)
-        meta = _metadata(checkpoint, cfg, ds)
-        batch, size = build_batch(ds, served[ds], meta, args, cfg["data"]["decoder"])
-        model = restore.restore_model(checkpoint, cfg, device)
-        result = predict(model, batch, ds, served[ds], meta, cfg, size, device, args.threshold, args.top_k)
+        predictor = Predictor.from_checkpoint(args.checkpoint, device, trust=args.trust_checkpoint,
+                                              config=args.config, overrides=args.overrides)
+        choose_dataset(args, predictor.served)
+        inputs = {KEYWORDS[n]: getattr(args, n) for n in INPUTS if getattr(args, n) is not None}
+        if args.images is not None:
+            inputs["images"] = paths
+        results = predictor(**inputs, task=args.task, threshold=args.threshold, top_k=args.top_k,
+                            batch_size=args.batch_size, progress=args.images is not None, name=_namer(args))
         if args.save_image is not None:
-            draw_detections(args.image, result["detections"], args.save_image)
+            draw_detections(args.image, results[0]["detections"], args.save_image)
+        if args.output is not None:
+            write_output(args.output, results, paths)
     except (ValueError, OSError) as exc:  # ImageDecodeError and PIL's UnidentifiedImageError included
         print(f"error: {restore.one_line(exc)}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else format_result(result, args))
+    if args.images is None:
+        result = results[0]
+        print(json.dumps(result, indent=2) if args.json else format_result(result, args))
+    else:  # one result per image: JSON Lines, or each image's lines
+        for r, path in zip(results, paths, strict=True):
+            print(json.dumps({"image": path, **r}) if args.json else format_result(r, args, image=path))
     if args.save_image is not None and not args.json:
         print(f"image with boxes written to {args.save_image}")
+    if args.output is not None and not args.json:
+        print(f"{len(results)} result(s) written to {args.output}", file=sys.stderr)
     return 0
 
 

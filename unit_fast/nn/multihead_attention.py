@@ -15,6 +15,11 @@ torch's own; only ``forward`` differs, and only when no weights are asked for:
 class in place: same parameter objects, so optimizers and state dicts stay valid.  DETR and MMF
 UniT call attention with the default ``need_weights=True`` and keep only ``[0]``: patch them with
 ``drop_weights=True``, which runs the fused path for those calls and returns ``None`` weights.
+
+TorchScript: ``torch.jit.script`` compiles ``forward``'s ``torch.jit.is_scripting()`` branch only
+(the fused op and ``super().forward`` cannot be scripted): torch's own math through
+``F.multi_head_attention_forward``, the same outputs as eager, ``None`` weights where eager gives
+``None``.  Eager and ``torch.compile`` never take that branch.
 """
 
 import torch
@@ -62,15 +67,53 @@ class MultiheadAttention(nn.MultiheadAttention):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
                 f"batch_first={self.batch_first}, backend={self.backend!r}, drop_weights={self.drop_weights}")
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask=None, need_weights: bool = True,
-                attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                          average_attn_weights, is_causal)
         if need_weights and not self.drop_weights:
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
-                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
-                                   is_causal=is_causal)
+            return self._torch_forward(query, key, value, key_padding_mask, attn_mask, average_attn_weights,
+                                       is_causal)
         # With drop_weights, torch's weights path would give NaN on rows with nothing to attend.
         return self._fused_forward(query, key, value, key_padding_mask, attn_mask, is_causal,
                                    nan_empty_rows=need_weights), None
+
+    @torch.jit.unused
+    def _torch_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+                       attn_mask: Tensor | None, average_attn_weights: bool,
+                       is_causal: bool) -> tuple[Tensor, Tensor | None]:
+        """torch's own forward with weights (unused by TorchScript: it cannot compile ``super()``)."""
+        return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
+                               attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                               is_causal=is_causal)
+
+    def _scripted_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+                          need_weights: bool, attn_mask: Tensor | None, average_attn_weights: bool,
+                          is_causal: bool) -> tuple[Tensor, Tensor | None]:
+        """TorchScript's path: torch's non-fast-path forward (``nn.MultiheadAttention.forward``'s
+        own call of ``F.multi_head_attention_forward``), compiled instead of the fused op.
+
+        With ``drop_weights`` the weights are still computed and then dropped: that is the path
+        whose empty rows are NaN, as the eager fused path gives them for ``need_weights=True``.
+        """
+        batch_first = self.batch_first and query.dim() == 3
+        if batch_first:  # (N, L, E) -> (L, N, E): transposed views, as torch's forward
+            query, key, value = query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight,
+            self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask,
+            use_separate_proj_weight=not self._qkv_same_embed_dim, q_proj_weight=self.q_proj_weight,
+            k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if batch_first:
+            out = out.transpose(1, 0)  # (N, L, E)
+        if self.drop_weights:
+            weights = None
+        return out, weights
 
     # -- the fused path ------------------------------------------------------------------------
 
@@ -95,7 +138,9 @@ class MultiheadAttention(nn.MultiheadAttention):
                 raise TypeError(f"MultiheadAttention: only bool and floating types of {name} are supported, "
                                 f"got {m.dtype}")
 
-    def _fused_forward(self, query, key, value, key_padding_mask, attn_mask, is_causal, nan_empty_rows):
+    @torch.jit.unused
+    def _fused_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+                       attn_mask: Tensor | None, is_causal: bool, nan_empty_rows: bool) -> Tensor:
         """``attn_output``; rows with no allowed key are 0, or NaN with ``nan_empty_rows``."""
         self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
