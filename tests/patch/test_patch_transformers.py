@@ -1,3 +1,4 @@
+import pytest
 """unit_fast/patch/transformers.py, the installer: undo, the ``with`` form, the families filter,
 patching twice, and families the installed transformers lacks (skipped with the reason)."""
 
@@ -31,11 +32,9 @@ def test_with_form_undoes_on_exit_and_on_error():
         assert DEF_HM.forward is hf_detr.deformable_detr_matcher_forward
         assert any(where.endswith("DeformableDetrHungarianMatcher.forward") for where, *_ in report.entries)
     assert all(a is b for a, b in zip(_originals(), before, strict=True))
-    try:
+    with pytest.raises(RuntimeError, match="boom"):  # the with-form undoes and does not swallow the error
         with patch_transformers():
             raise RuntimeError("boom")
-    except RuntimeError:
-        pass
     assert all(a is b for a, b in zip(_originals(), before, strict=True))
 
 
