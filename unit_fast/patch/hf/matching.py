@@ -12,6 +12,7 @@ waits for the host (the target counts are tensor shapes, known on the host witho
 import numpy as np
 import torch
 
+from unit_fast.nn.hungarian_matcher import _prefix_positions as prefix_positions
 from unit_fast.ops.hungarian_match import batched_linear_sum_assignment, to_device
 
 # transformers replaces NaN / +-inf costs by the dtype's max ("matched only if nothing else
@@ -90,9 +91,3 @@ def solve(cost, sizes, groups=1, backend=None):
     per_image = [groups * min(Qg, s) for s in sizes]
     return list(zip(pred.flatten()[keep].split(per_image), tgt.flatten()[keep].split(per_image), strict=True))
 
-
-def prefix_positions(lengths, width):
-    """Flat positions ``r * width + j`` for ``j < lengths[r]``, as host int64 ``(sum lengths,)``."""
-    n = np.asarray(lengths, dtype=np.int64)
-    starts = np.repeat(np.arange(len(n), dtype=np.int64) * width - (np.cumsum(n) - n), n)
-    return torch.from_numpy(starts + np.arange(int(n.sum()), dtype=np.int64))
