@@ -58,10 +58,6 @@ def test_scripted_patched_detr_equals_eager_and_unpatched():
         torch.testing.assert_close(got[key], unpatched[key], rtol=1.3e-6, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported, reason=(
-    "torch._dynamo.exc.Unsupported: Data-dependent branching at unit_fast/ops/attention/sdpa.py:52 "
-    "attention_torch `if empty.any():` (CPU reference attention path reached from "
-    "MultiheadAttention._fused_forward), so fullgraph=True cannot trace the patched model on CPU"))
 def test_compiled_patched_detr_fullgraph_equals_eager():
     torch._dynamo.reset()
     model, _, images, mask = _models()
@@ -70,4 +66,32 @@ def test_compiled_patched_detr_fullgraph_equals_eager():
         got, eager = compiled(images, mask), model(images, mask)
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(got[key], eager[key], rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_compiled_patched_detr_fullgraph_trains_like_eager():
+    """Forward and backward of the fullgraph-compiled patched model, loss from the patched
+    criterion (eager: its targets are per-image lists): loss and every gradient as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, crit = detr_peer.build(aux_loss=True)
+    patch_detr(model, crit)
+    twin = copy.deepcopy(model)
+    images = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[1, :, 12:] = True
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]])},
+               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    compiled = torch.compile(model, fullgraph=True)
+    losses = []
+    for m in (compiled, twin):
+        out = m(images, mask)
+        parts = crit(out, targets)
+        loss = sum(parts[k] * crit.weight_dict[k] for k in parts if k in crit.weight_dict)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     torch._dynamo.reset()

@@ -48,7 +48,8 @@ def attention_torch(q, k, v, key_padding_mask, attn_mask, scale):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     if bias is not None:
+        # Branch-free (no ``if empty.any()``): a data-dependent branch would stop
+        # ``torch.compile(fullgraph=True)`` of a model whose attention lands here.
         empty = torch.isneginf(bias).all(dim=-1)  # broadcastable to (B, H, L)
-        if empty.any():  # host sync: CPU tensors only, where it costs nothing
-            lse = lse.masked_fill(empty.expand(lse.shape), float("-inf"))
+        lse = lse.masked_fill(empty.expand(lse.shape), float("-inf"))
     return out, lse
