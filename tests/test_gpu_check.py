@@ -3,6 +3,7 @@ status, the sanitizer's refusal-as-skip, and that unit_fast works without pycoco
 
 import json
 import os
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -191,3 +192,44 @@ def test_works_without_pycocotools():
     proc = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_on_request_topics_run_only_when_named(quick):
+    items = {it.key: it for it in P.build_plan(quick, tools=ALL_PRESENT)}
+    ptf = items["patch_transformers/bench/loss"]
+    assert "--only patch_transformers" in ptf.skip and ptf.est_s == 0
+    assert bool(items["moe_dispatch/check/triton_vs_reference"].skip) is not quick  # quick runs moe
+    (named,) = P.build_plan(quick, only=["patch_transformers"], tools=ALL_PRESENT)
+    assert named.skip is None and named.est_s > 0 and named.baselines == ("transformers",)
+    assert P.estimate_s([named], quick)[1] <= P.budget_s(quick)
+
+
+def test_patch_transformers_bench_times_patched_against_unpatched_on_cpu(monkeypatch):
+    """The GPU bench's wiring, run on the CPU with CUDA-event timing faked and tiny settings:
+    unit_fast is timed under the patch and transformers without it, after a passing check."""
+    from benchmarks import bench_patch_transformers as X
+    from benchmarks.gpu_check import bench
+    from unit_fast.patch import transformers as PT
+
+    monkeypatch.setitem(X.SETTINGS, "tiny_detr", ("DETR", 2, 5, 4, 2, 2))
+    monkeypatch.setitem(X.SETTINGS, "tiny_rtdetr", ("RT-DETR", 2, 6, 4, 2, 2))
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    patched_at_call = []
+
+    def fake_measure(fn, inputs):
+        fn(inputs[0])
+        patched_at_call.append(bool(PT._ORIGINALS))
+        return {"ms": 1.0 + len(patched_at_call), "peak_mem_mb": None, "host_syncs": None}
+
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(bench, "_free", lambda: None)  # torch.cuda.synchronize / empty_cache
+    (item,) = P.build_plan(False, only=["patch_transformers"], tools=ALL_PRESENT)
+    run = Run()
+    bench.bench_patch_transformers(replace(item, shapes=("tiny_detr", "tiny_rtdetr")), run)
+    assert [c.status for c in run.checks] == ["pass", "pass"], run.checks
+    assert patched_at_call == [True, False, True, False]  # unit_fast patched, the baseline not
+    assert not PT._ORIGINALS  # the patch is undone
+    cases = run.cases["patch_transformers"]
+    assert [c["name"] for c in cases] == ["tiny_detr", "tiny_rtdetr"]
+    assert [(c["unit_fast"], c["baselines"]["transformers"]) for c in cases] == [(2.0, 3.0), (4.0, 5.0)]

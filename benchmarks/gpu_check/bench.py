@@ -63,7 +63,6 @@ def _side_by_side(run, item, name, shape, dtype, ours, providers, inputs, **extr
     A baseline that cannot run (missing tool, refused inputs, out of memory) is skipped with
     its reason; so is the case when unit_fast itself cannot run (and a check failure recorded).
     """
-    skipped = dict(item.skipped_baselines)
     try:
         mine = measure(ours, inputs)
     except SKIPPED as e:
@@ -71,6 +70,12 @@ def _side_by_side(run, item, name, shape, dtype, ours, providers, inputs, **extr
                                 f"unit_fast failed: {e!r}"[:500]))
         _free()
         return
+    _side_by_side_measured(run, item, name, shape, dtype, mine, providers, inputs, **extra)
+
+
+def _side_by_side_measured(run, item, name, shape, dtype, mine, providers, inputs, **extra):
+    """``_side_by_side`` with unit_fast's ``measure`` result ``mine`` already taken."""
+    skipped = dict(item.skipped_baselines)
     base, base_mem = {}, {}
     for b, fn in providers.items():
         if b in skipped:
@@ -261,6 +266,37 @@ def bench_unit_step(item, run):
                 baselines_dtype={"mmf_reference": "float32"}, batch_mode=mode))
 
 
+def bench_patch_transformers(item, run):
+    """transformers' own loss (``bench_patch_transformers._call``) unpatched, against the same call
+    under ``patch_transformers(families=[family])``; the patched loss is checked against the
+    unpatched one first (a failed check is recorded and the case not timed).  The patch is
+    entered once around the timed calls (as a user's ``with`` block is), not per call."""
+    from benchmarks import bench_patch_transformers as X
+    from unit_fast.patch.transformers import patch_transformers
+
+    for name in item.shapes:
+        family, B, Q, C, T, L = X.SETTINGS[name]
+        shape = {"B": B, "Q": Q, "C": C, "T": T, "L": L}
+        loss = X._call(name, DEVICE)
+        inputs = [X._inputs(name, DEVICE, s) for s in range(2)]
+        want = [loss(x) for x in inputs]
+        with patch_transformers(families=[family]) as report:
+            got = [loss(x) for x in inputs]
+            try:
+                for g, w in zip(got, want, strict=True):
+                    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+            except AssertionError as e:
+                run.checks.append(Check(item.topic, f"bench:{name}:vs_transformers", "fail", "float32", shape,
+                                        str(e)[:500]))
+                continue
+            run.checks.append(Check(item.topic, f"bench:{name}:vs_transformers", "pass", "float32", shape,
+                                    f"patched {family} loss vs transformers' own ({report.replaced} "
+                                    "functions replaced)"))
+            mine = measure(loss, inputs)
+        _side_by_side_measured(run, item, name, shape, "float32", mine, {"transformers": loss}, inputs,
+                               family=family)
+
+
 BENCHES = {"lsa": bench_lsa, "matcher": bench_matcher, "matching_cost": bench_matching_cost,
            "box_loss": bench_box_loss, "attention": bench_attention, "moe_dispatch": bench_moe_dispatch,
-           "unit_step": bench_unit_step}
+           "unit_step": bench_unit_step, "patch_transformers": bench_patch_transformers}

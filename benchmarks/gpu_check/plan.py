@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass, field, replace
 
 TOPICS = ("lsa", "matcher", "matching_cost", "box_loss", "pairwise_giou", "attention", "moe_dispatch",
-          "unit_step")
+          "unit_step", "patch_transformers")
 DTYPES = ("bfloat16", "float16", "float32")
 KINDS = ("check", "sanitizer", "bench")  # the order they run in: correctness first
 
@@ -93,7 +93,7 @@ def _items(quick):
         # (Triton vs the torch backend, the per-expert loop and padded bmm, forward + backward)
         # is an item of kind "check" that also records cases: short, and it runs once the
         # kernels it times have been compiled by the check before it.  In the full plan both
-        # run only when asked for (``--only moe_dispatch``): see ``_MOE_FULL_PLAN_SKIP``.
+        # run only when asked for (``--only moe_dispatch``): see ``ON_REQUEST``.
         # Estimates: mostly compiling 5 kernels per dtype and activation (gelu only in --quick).
         Item("moe_dispatch", "check", "triton_vs_reference",
              ("unit_n4096_e8_k2",) if q else ("unit_n4096_e8_k2", "cpu_n2048_e16_k2", "tiny_n128_e4_k2"),
@@ -134,23 +134,33 @@ def _items(quick):
         Item("unit_step", "bench", "train_step", ("coco_det_dc5",), ("bfloat16",), 35 if q else 40,
              needs=("cuda", "cuda_ext", "triton"), baselines=("mmf_reference",),
              params={"fast_batches": (8,) if q else (8, 32)}),
+        # transformers' own DETR / RT-DETR loss (main + 5 auxiliary layers) unpatched vs under
+        # patch_transformers(), bench_patch_transformers' settings; the patched loss is checked
+        # against the unpatched one before timing.  Estimate: mostly the first Triton compiles.
+        Item("patch_transformers", "bench", "loss", ("detr_b8_q100", "rtdetr_b8_q300"), fp32, 10,
+             needs=("cuda", "cuda_ext", "triton"), baselines=("transformers",)),
     ]
     return out
 
 
-# The full plan's estimate already fills its 7-minute budget (build + check, issue 13) without
-# moe_dispatch, so its items join the full plan only when named by ``--only``; the quick plan,
-# which has room, always runs them.  Skipped here, they cost 0 s of the estimate.
-_MOE_FULL_PLAN_SKIP = ("not in the default full plan: its estimate fills the 7-minute budget without it; "
-                       "run --quick, or the full plan with --only moe_dispatch")
+# Both plans' estimates already fill their budgets (issue 13: build + full check <= 7 minutes,
+# quick <= 3), so these topics' items join a plan only when named by ``--only``: moe_dispatch in
+# the full plan (the quick plan, which has room for it, always runs it), patch_transformers in
+# both.  Skipped here, they cost 0 s of the estimate.
+ON_REQUEST = {"moe_dispatch": ("full",), "patch_transformers": ("full", "quick")}
 
 
-def _fit_full_budget(items, quick, only):
-    """``items`` (resolved) with moe_dispatch's set to 0 s and, unless already skipped for a
-    missing tool, skipped with ``_MOE_FULL_PLAN_SKIP`` -- in the default full plan only."""
-    if quick or (only and "moe_dispatch" in only):
-        return items
-    return [replace(it, skip=it.skip or _MOE_FULL_PLAN_SKIP, est_s=0) if it.topic == "moe_dispatch" else it
+def _on_request_skip(topic, quick):
+    return (f"not in the default {'quick' if quick else 'full'} plan: its estimate fills the "
+            f"{'3' if quick else '7'}-minute budget without {topic}; run it with --only {topic}")
+
+
+def _fit_budget(items, quick, only):
+    """``items`` (resolved) with each ``ON_REQUEST`` topic's set to 0 s and, unless already
+    skipped for a missing tool, skipped with its reason -- unless ``only`` names it."""
+    plan = "quick" if quick else "full"
+    skip = {t for t, plans in ON_REQUEST.items() if plan in plans and not (only and t in only)}
+    return [replace(it, skip=it.skip or _on_request_skip(it.topic, quick), est_s=0) if it.topic in skip else it
             for it in items]
 
 
@@ -195,7 +205,7 @@ def build_plan(quick=False, only=None, tools=None):
             raise ValueError(f"unknown topic(s) {unknown}; topics are {list(TOPICS)}")
     items = [it for it in _items(quick) if not only or it.topic in only]
     items.sort(key=lambda it: KINDS.index(it.kind))  # stable: topic order within a kind
-    return _fit_full_budget(resolve(items, probe_tools() if tools is None else tools), quick, only)
+    return _fit_budget(resolve(items, probe_tools() if tools is None else tools), quick, only)
 
 
 def estimate_s(items, quick=False):
@@ -213,16 +223,16 @@ def format_plan(items, quick=False):
     """The ``--dry-run`` text: one line per item, its skip reasons, and the budget line."""
     mode = "quick" if quick else "full"
     lines = [f"gpu_check plan ({mode}); seconds are estimates for one H100/H200, not measurements", ""]
-    lines.append(f"{'topic':<14} {'kind':<9} {'item':<24} {'est s':>5}  shapes / dtypes")
+    lines.append(f"{'topic':<18} {'kind':<9} {'item':<24} {'est s':>5}  shapes / dtypes")
     for it in items:
-        lines.append(f"{it.topic:<14} {it.kind:<9} {it.name:<24} {it.est_s:>5.0f}  "
+        lines.append(f"{it.topic:<18} {it.kind:<9} {it.name:<24} {it.est_s:>5.0f}  "
                      f"{', '.join(it.shapes)} / {', '.join(it.dtypes)}")
         if it.baselines:
-            lines.append(f"{'':<50}baselines: {', '.join(it.baselines)}")
+            lines.append(f"{'':<54}baselines: {', '.join(it.baselines)}")
         if it.skip:
-            lines.append(f"{'':<50}skipped: {it.skip}")
+            lines.append(f"{'':<54}skipped: {it.skip}")
         for b, why in it.skipped_baselines.items():
-            lines.append(f"{'':<50}skipped baseline {b}: {why}")
+            lines.append(f"{'':<54}skipped baseline {b}: {why}")
     check, total = estimate_s(items, quick)
     limit = budget_s(quick)
     what = "check" if quick else f"build ({BUILD_S} s) + check"

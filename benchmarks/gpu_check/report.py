@@ -116,11 +116,11 @@ def summary(run):
     """The stdout table: checks by topic (pass / fail / skip counts and every failure), then one
     line per benchmark case with each baseline's time as a multiple of unit_fast's."""
     lines = ["", "== correctness =="]
-    lines.append(f"{'topic':<14} {'pass':>5} {'fail':>5} {'skip':>5}")
+    lines.append(f"{'topic':<18} {'pass':>5} {'fail':>5} {'skip':>5}")
     for topic in dict.fromkeys(c.topic for c in run.checks):
         mine = [c for c in run.checks if c.topic == topic]
         counts = [sum(c.status == s for c in mine) for s in STATUSES]
-        lines.append(f"{topic:<14} {counts[0]:>5} {counts[1]:>5} {counts[2]:>5}")
+        lines.append(f"{topic:<18} {counts[0]:>5} {counts[1]:>5} {counts[2]:>5}")
     for c in run.checks:
         if c.status != "pass":
             where = " ".join(x for x in (c.name, c.dtype or "", _shape_text(c.shape)) if x)
