@@ -3,9 +3,9 @@ status, the sanitizer's refusal-as-skip, and that unit_fast works without pycoco
 
 import json
 import os
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 

@@ -160,8 +160,8 @@ def _fit_budget(items, quick, only):
     skipped for a missing tool, skipped with its reason -- unless ``only`` names it."""
     plan = "quick" if quick else "full"
     skip = {t for t, plans in ON_REQUEST.items() if plan in plans and not (only and t in only)}
-    return [replace(it, skip=it.skip or _on_request_skip(it.topic, quick), est_s=0) if it.topic in skip else it
-            for it in items]
+    return [replace(it, skip=it.skip or _on_request_skip(it.topic, quick), est_s=0)
+            if it.topic in skip else it for it in items]
 
 
 def probe_tools():

@@ -80,7 +80,8 @@ def test_compiled_patched_detr_fullgraph_trains_like_eager():
     images = torch.randn(2, 3, 16, 16)
     mask = torch.zeros(2, 16, 16, dtype=torch.bool)
     mask[1, :, 12:] = True
-    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]])},
+    targets = [{"labels": torch.tensor([1, 3]),
+                "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]])},
                {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
     compiled = torch.compile(model, fullgraph=True)
     losses = []
