@@ -50,7 +50,8 @@ def _models():
 def test_scripted_patched_detr_equals_eager_and_unpatched():
     model, ref, images, mask = _models()
     scripted = torch.jit.script(model)
-    assert all(type(m) is MultiheadAttention for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention))
+    mhas = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert mhas and all(type(m) is MultiheadAttention for m in mhas)
     with torch.no_grad():
         got, eager, unpatched = scripted(images, mask), model(images, mask), ref(images, mask)
     for key in ("pred_logits", "pred_boxes"):
