@@ -199,3 +199,50 @@ def test_graph_export_refuses_a_payload_unless_trusted(run, tmp_path, capsys):
     assert not marker.exists() and not os.path.exists(out)
     assert export.main(["--checkpoint", path, "--trust-checkpoint", "--task", "glue_sst2", "--out", out]) == 0
     assert marker.exists() and os.path.isfile(out)
+
+
+MOE = ["model.moe.layers=[1]", "model.moe.encoder_layers=[0]", "model.moe.num_experts=3", "model.moe.k=2"]
+
+
+@pytest.mark.parametrize("ds", ["detection_visual_genome", "vqa2"])
+def test_moe_model_and_attribute_head_export_to_onnx_and_match(ds, tmp_path):
+    """A tiny UniT with MoE layers in the encoder and decoder and Visual Genome's attribute head:
+    the graph has ``attr_logits`` for VG, no custom op, and onnxruntime matches eager."""
+    torch.manual_seed(0)
+    cfg = unit_fast.load_config("tiny", ["model.predict_attributes=true", *MOE])
+    model = unit_fast.build_model(cfg).eval()
+    graph = task_graph(model, ds)
+    want_names = {"detection_visual_genome": ("pred_logits", "pred_boxes", "attr_logits"),
+                  "vqa2": ("scores",)}[ds]
+    assert graph.output_names == want_names
+    entry = {"image_sizes": {"test_size": 48}, "max_length": 9}
+    out = str(tmp_path / f"{ds}.onnx")
+    names = ("image", "image_mask") + (("input_ids", "input_mask", "segment_ids") if ds == "vqa2" else ())
+    program = export_model(graph, example_inputs(graph, entry), "onnx", out, input_names=list(names),
+                           output_names=list(want_names))
+    assert custom_ops_in(program) == []
+    inputs = example_inputs(graph, entry, batch=3)
+    got, want = _ort(out, names, inputs), _eager(graph, inputs)
+    assert len(got) == len(want) == len(want_names)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_export_leaves_every_module_in_its_own_mode(tmp_path):
+    """An eval-mode model inside a fresh (training-mode) wrapper, as ``task_graph`` makes it:
+    after the export each module has its own flag back, not the wrapper's."""
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _Encoder().eval()
+
+        def forward(self, x, padding_mask):
+            return self.inner(x, padding_mask)
+
+    outer = Wrapper()
+    outer.inner.eval()
+    outer.inner.layers[0].train()
+    before = [m.training for m in outer.modules()]
+    assert len(set(before)) == 2
+    export_model(outer, _encoder_inputs(2), "torch.export", str(tmp_path / "e.pt2"))
+    assert [m.training for m in outer.modules()] == before

@@ -106,11 +106,11 @@ def export_task(predictor, ds, format, out):
     """Export ``predictor``'s model (a ``unit_fast.Predictor``) for dataset ``ds`` as ``format``
     (``"onnx"`` / ``"torch.export"``) to ``out``, traced on the CPU.  Returns ``(inputs,
     outputs)``: ``"name (B, ...) dtype"`` of each, in the graph's order."""
-    from unit_fast.task_graph import INPUT_NAMES, OUTPUT_NAMES, example_inputs, task_graph
+    from unit_fast.task_graph import INPUT_NAMES, example_inputs, task_graph
 
     entry = predictor.metadata(ds)["datasets"][ds]
     graph = task_graph(predictor.model.cpu(), ds)
-    names_in, names_out = INPUT_NAMES[graph.task], OUTPUT_NAMES[graph.task]
+    names_in, names_out = INPUT_NAMES[graph.task], graph.output_names
     examples = example_inputs(graph, entry)
     export_model(graph, examples, format, out, input_names=names_in, output_names=names_out)
     with torch.no_grad():

@@ -92,13 +92,17 @@ def trace(model, example_inputs, dynamic_batch=True, dynamic_shapes=None):
             example_inputs = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() >= 1 else x
                                    for x in example_inputs)
         dynamic_shapes = _batch_dynamic_shapes(example_inputs)
-    was_training = model.training
+    # Each module's own flag back afterwards: ``model.train(was_training)`` would set every
+    # submodule to the top module's flag (an eval-mode model inside a fresh wrapper would come
+    # back training, e.g. with its MoE router's noise on).
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with reference_kernels(model), torch.no_grad():
             program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if custom_ops_in(program):
         program = program.run_decompositions(_reference_decompositions())
     left = custom_ops_in(program)

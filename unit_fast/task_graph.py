@@ -7,7 +7,7 @@ outputs are the task head's raw outputs.  By the dataset's head family (``TaskKi
 - ``detection``: inputs ``image (B, 3, H, W)`` float32 (normalised, zero on padding) and
   ``image_mask (B, H, W)`` bool (True on padding); outputs ``pred_logits (B, Q, C + 1)`` (class
   logits, the last class "no object") and ``pred_boxes (B, Q, 4)`` (sigmoid, normalised cxcywh
-  of the unpadded image).
+  of the unpadded image); with an attribute head (Visual Genome) also ``attr_logits (B, Q, A)``.
 - ``vl`` (vqa, image-text classification): inputs ``image``, ``image_mask`` as above, then
   ``input_ids``, ``input_mask`` (1 = token, 0 = padding), ``segment_ids``, each ``(B, L)`` int64;
   output ``scores (B, num_labels)`` logits.
@@ -37,11 +37,12 @@ class _TaskGraph(nn.Module):
         super().__init__()
         self.model, self.ds = model, ds
         self.task = model.task_type(ds)
+        self.output_names = output_names(model, ds)
 
     def _run(self, **inputs):
         # "test": no auxiliary decoder outputs, no loss (targets None).
         out = self.model({"dataset_name": self.ds, "dataset_type": "test", "targets": None, **inputs})
-        return tuple(out[name] for name in OUTPUT_NAMES[self.task])
+        return tuple(out[name] for name in self.output_names)
 
 
 class DetectionGraph(_TaskGraph):
@@ -58,6 +59,17 @@ class VisionLanguageGraph(_TaskGraph):
 class TextGraph(_TaskGraph):
     def forward(self, input_ids, input_mask, segment_ids):
         return self._run(input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids)
+
+
+def output_names(model, ds):
+    """The graph's outputs for dataset ``ds``: ``OUTPUT_NAMES`` of its head family, plus
+    ``attr_logits (B, Q, A)`` for a detection dataset with an attribute head (Visual Genome) when
+    the model predicts attributes, as its eager forward does."""
+    names = OUTPUT_NAMES[model.task_type(ds)]
+    det = model.det_losses[ds] if names == OUTPUT_NAMES["detection"] else None
+    if det is not None and det.attribute_head is not None and model.predict_attributes:
+        names += ("attr_logits",)
+    return names
 
 
 GRAPHS = {"detection": DetectionGraph, "vl": VisionLanguageGraph, "glue": TextGraph}

@@ -12,13 +12,15 @@ import torch
 
 from unit_fast import _backend
 from unit_fast.ops.moe_dispatch import moe_dispatch, moe_dispatch_ref
+from unit_fast.ops.moe_dispatch.dense import moe_dispatch_dense
 from unit_fast.testing import assert_within_ref_error
 
 CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", "triton", "reference"]
 # "torch_op": the torch backend's registered op, called directly (moe_dispatch runs it only under
-# torch.compile; eager calls take its autograd.Function wrapper of the same math).
-CHECKED = [*BACKENDS, "torch_op"]
+# torch.compile; eager calls take its autograd.Function wrapper of the same math); "dense": the
+# graph form the reference backend records when traced (dense.py), called directly.
+CHECKED = [*BACKENDS, "torch_op", "dense"]
 DEVICE_BACKENDS = [("cpu", b) for b in CHECKED] + ([("cuda", b) for b in CHECKED] if CUDA else [])
 NAMES = ("y", "dx", "dgates", "dw1", "db1", "dw2", "db2")
 GRAD_ARGS = (0, 2, 3, 4, 5, 6)  # x, gates, w1, b1, w2, b2
@@ -61,6 +63,8 @@ def check_against_reference(backend, args, activation, msg=""):
     grad_y = torch.randn(args[0].shape, generator=gen).to(args[0].device, dtype)
     if backend == "torch_op":
         got = run(lambda *a: torch.ops.unit_fast.moe_dispatch_torch(*a, activation)[0], args, grad_y)
+    elif backend == "dense":
+        got = run(lambda *a: moe_dispatch_dense(*a, activation=activation), args, grad_y)
     else:
         got = run(lambda *a: moe_dispatch(*a, activation=activation, backend=backend), args, grad_y)
     cpu = [a.cpu() for a in args]
@@ -194,7 +198,7 @@ def test_opcheck(op_name):
         torch.library.opcheck(bwd.default, (torch.randn(7, 16), *plain, *hidden, activation))
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])  # reference: traces dense.py
 def test_compile_fullgraph(backend):
     args = make_inputs(N=9, d=16, f=16, E=3, k=2)
 

@@ -5,7 +5,8 @@ Public:
   ``moe_dispatch_ref(...)``: the spec (a per-token loop)
 
 Backends: ``triton`` (grouped GEMMs over expert-sorted slots, ``triton.py``), ``torch`` (sorted
-slots and one ``addmm`` per expert, ``grouped.py``), ``reference``.
+slots and one ``addmm`` per expert, ``grouped.py``), ``reference`` (traced by ``torch.export`` /
+``torch.compile``, it records ``dense.py``'s fixed-shape form of the same formula).
 """
 
 from unit_fast.ops.moe_dispatch.op import moe_dispatch

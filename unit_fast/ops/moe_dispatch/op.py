@@ -21,6 +21,7 @@ from torch import Tensor
 from unit_fast import _backend
 from unit_fast.ops._autograd import double_backward_raises
 from unit_fast.ops.moe_dispatch import grouped
+from unit_fast.ops.moe_dispatch.dense import moe_dispatch_dense
 from unit_fast.ops.moe_dispatch.reference import ACTIVATIONS, moe_dispatch_ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -182,7 +183,8 @@ def moe_dispatch(x, expert_idx, gates, w1, b1, w2, b2, activation="relu", backen
             ``nn.Linear(d, f).weight.T``); any strides.
         activation: ``"relu"`` or ``"gelu"`` (exact, erf form).
         backend: ``"triton"``, ``"torch"`` (sorted slots + one ``addmm`` per expert,
-            ``grouped.py``) or ``"reference"`` (a per-token loop).  Default: Triton on CUDA,
+            ``grouped.py``) or ``"reference"`` (a per-token loop; traced, the same formula with
+            every expert on every token, ``dense.py``, which a graph can hold).  Default: Triton on CUDA,
             torch on CPU (``_backend.OP_BACKENDS``).
 
     Returns:
@@ -199,6 +201,8 @@ def moe_dispatch(x, expert_idx, gates, w1, b1, w2, b2, activation="relu", backen
     _check_inputs(x, expert_idx, gates, w1, b1, w2, b2, activation)  # metadata only: no host sync
     chosen = _backend.select_backend("moe_dispatch", x.device, backend)
     if chosen == "reference":
+        if torch.compiler.is_compiling():  # traced (export, compile): the spec's loop reads the host
+            return moe_dispatch_dense(x, expert_idx, gates, w1, b1, w2, b2, activation)
         check_expert_idx_values(expert_idx, w1.shape[0])
         return moe_dispatch_ref(x, expert_idx, gates, w1, b1, w2, b2, activation)
     if chosen == "torch" and not torch.compiler.is_compiling():
