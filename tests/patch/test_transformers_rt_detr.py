@@ -6,7 +6,8 @@ fp32 (the dtype the patch runs in); high: transformers in fp64 (scipy solves in 
 so the fp64 run is the most exact statement of the same losses).  Inputs are continuous random
 values, so the matching has no ties.  RT-DETR is a whole tiny model (random init, no download);
 D-FINE and DEIMv2 are their loss classes on random outputs (their tiny HGNetV2 backbones need a
-hand-matched channel plan), without ``pred_corners`` so loss_local (not patched) is skipped.
+hand-matched channel plan), without ``pred_corners`` so loss_local (not patched) is skipped; the
+whole D-FINE / DEIMv2 models are in test_transformers_whole_models.py.
 """
 
 import copy
