@@ -3,7 +3,6 @@ same losses, gradients, matches and training steps as the unpatched model, same 
 
 import copy
 
-import pytest
 import torch
 
 from tests.peers import detr_peer

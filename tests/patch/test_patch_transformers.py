@@ -1,7 +1,7 @@
-import pytest
 """unit_fast/patch/transformers.py, the installer: undo, the ``with`` form, the families filter,
 patching twice, and families the installed transformers lacks (skipped with the reason)."""
 
+import pytest
 from transformers.loss import loss_deformable_detr, loss_for_object_detection
 
 from unit_fast.patch.hf import detr as hf_detr
