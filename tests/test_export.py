@@ -246,3 +246,38 @@ def test_export_leaves_every_module_in_its_own_mode(tmp_path):
     assert len(set(before)) == 2
     export_model(outer, _encoder_inputs(2), "torch.export", str(tmp_path / "e.pt2"))
     assert [m.training for m in outer.modules()] == before
+
+
+def test_a_patch_detr_patched_detr_exports_to_onnx_and_matches(tmp_path):
+    """A DETR in facebookresearch/detr's layout (tests/peers/detr_peer.py) after ``patch_detr``:
+    ``export_model`` writes an ONNX graph with no custom op, and onnxruntime matches eager."""
+    from tests.peers import detr_peer
+
+    torch.manual_seed(0)
+    model, crit = detr_peer.build(aux_loss=False)
+    report = unit_fast.patch_detr(model.eval(), crit)
+    assert report.replaced > 0
+
+    def inputs(batch):
+        images = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(batch))
+        mask = torch.zeros(batch, 16, 16, dtype=torch.bool)
+        mask[-1, :, 12:] = True
+        return images, mask
+
+    class Boxes(nn.Module):  # DETR returns a dict: the graph returns its two tensors
+        def __init__(self):
+            super().__init__()
+            self.detr = model
+
+        def forward(self, images, mask):
+            out = self.detr(images, mask)
+            return out["pred_logits"], out["pred_boxes"]
+
+    out = str(tmp_path / "detr.onnx")
+    program = export_model(Boxes(), inputs(2), "onnx", out, input_names=["images", "mask"],
+                           output_names=["pred_logits", "pred_boxes"])
+    assert custom_ops_in(program) == []
+    got = _ort(out, ["images", "mask"], inputs(3))
+    want = _eager(Boxes(), inputs(3))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w.numpy(), rtol=RTOL, atol=ATOL)
