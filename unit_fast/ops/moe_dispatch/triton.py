@@ -49,8 +49,11 @@ from unit_fast.ops.moe_dispatch.grouped import sort_slots
 
 ACT_RELU, ACT_GELU = 0, 1
 DOT_NATIVE, DOT_IEEE, DOT_UPCAST, DOT_FP64 = 0, 1, 2, 3
-SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2)
-INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+# tl.constexpr, not plain floats: the GPU compiler refuses a @jit function reading a plain module
+# global (NameError; the interpreter allows it, so only an sm_90 compile, benchmarks/kernel_report,
+# caught it).
+SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 @triton.jit
