@@ -6,24 +6,36 @@ running max ``m``, a running sum ``l`` and the un-normalised output ``acc`` in f
 (online softmax), so no ``L x S`` buffer exists.  It writes the output and the log-sum-exp
 ``lse = m + log(l)`` (fp32, natural log), which is all the backward needs.
 
-Backward: ``delta = rowsum(dO * O)`` (torch), then two kernels, both recomputing the
-probabilities from ``lse``:
+Backward: ``delta = rowsum(dO * O)`` (``_attention_bwd_delta_kernel``, fp32), then two kernels,
+both recomputing the probabilities from ``lse``:
   ``_attention_bwd_dkdv_kernel``: one program per ``(BLOCK_N keys, batch * head)``, looping over
       the queries, accumulates ``dV = P_drop^T dO`` and ``dK = dS^T Q * scale``;
   ``_attention_bwd_dq_kernel``: one program per ``(BLOCK_M queries, batch * head)``, looping over
       the keys, accumulates ``dQ = dS K * scale``.
 Two kernels instead of one with atomic ``dQ`` adds: deterministic, and no fp32 ``dQ`` buffer.
 
-Masks.  The key-padding mask (``(B, S)``, nonzero = padding) is read per key block: a block
-whose keys are all padding is skipped (no loads of K/V, no matmul), and the key loop stops at
-the last non-padding key of the sequence (``kv_end``, computed on the device).  The bias is any
-float tensor broadcast to ``(B, H, L, S)`` by strides (0 where broadcast), so a 2-D ``(L, S)``
-mask costs ``L x S``, never ``B x H x L x S``.
+Loops and masks.  The key loops (forward, dQ) end at ``kv_end``: ``S``, or with a key-padding
+mask (``(B, S)``, nonzero = padding) one past the last non-padding key of the sequence
+(computed on the device), so trailing padding costs nothing.  They run in two parts: the full
+blocks below ``kv_end`` with no bounds masks and no data-dependent branch (so the compiler can
+pipeline the K/V loads across iterations), then the one partial block, if any, with masks.
+Padding inside ``[0, kv_end)`` sets those keys' scores to ``-inf``.  The dK/dV kernel's query
+loop is split the same way at the last full query block; a key block of padding only is
+skipped by its program as a whole.  The bias is any float tensor broadcast to ``(B, H, L, S)``
+by strides (0 where broadcast), so a 2-D ``(L, S)`` mask costs ``L x S``, never
+``B x H x L x S``.
 
-Dropout.  Keep decisions come from Philox (``tl.randint4x`` counter = ``(key, query, b*H+h, 0)``,
-key = ``seed``), so the backward regenerates the forward's mask exactly, with no mask stored;
-``keep = u >= p`` for ``u`` uniform in [0, 1), the keep probability of ``torch.nn.functional.
-dropout``.  ``attention_dropout_mask_triton`` writes the same mask out, for tests.
+Dropout.  Keep decisions come from Philox-4x32-10 (``tl.random.philox``, key = ``seed``), so the
+backward regenerates the forward's mask exactly, with no mask stored.  One call yields four
+32-bit outputs and each is used: the weight ``(query m, key n)`` of head ``bh = b * H + h``
+takes output ``n % 4`` of the call with counter ``(n // 4, m, bh, 0)``, i.e. a quarter of a
+Philox call per weight (``_keep_mask`` draws a ``(BLOCK_M, BLOCK_N // 4)`` tile and
+interleaves the four outputs along the keys).  ``keep = u >= p`` for ``u`` uniform in [0, 1)
+(``tl.random.uint_to_uniform_float``), the keep probability of ``torch.nn.functional.dropout``.
+``attention_dropout_mask_triton`` writes the same mask out, for tests.
+
+Autotuning is keyed on the head dims, dtype, masks and power-of-two buckets of ``L`` and ``S``
+(see ``_TUNE_KEY``), with the candidate tiles pruned to the bucket (``_prune``).
 
 Precision: scores, softmax statistics and accumulators are fp32; the two matmul operands are
 in the input dtype (``P`` is cast to V's dtype for ``P V``), fp32 inputs use IEEE fp32 dots
@@ -32,22 +44,36 @@ exponentiated with ``exp2``.  A row whose keys are all masked keeps ``l = 0``: i
 and ``lse = -inf``, and the backward gives it zero gradients.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+PHILOX_KEYS_PER_CALL = 4  # keys whose keep decisions share one Philox call (its four outputs)
 
 
 @triton.jit
-def _keep_mask(seed, offs_m, offs_n, bh, dropout_p):
-    """``(BLOCK_M, BLOCK_N)`` bool: True where the weight ``(query m, key n)`` of head ``bh``
-    survives dropout.  Counter-based, so any program can regenerate any tile."""
-    c0 = (offs_n[None, :] + 0 * offs_m[:, None]).to(tl.uint32)
-    c1 = (offs_m[:, None] + 0 * offs_n[None, :]).to(tl.uint32)
+def _keep_mask(seed, offs_m, start_n, bh, dropout_p, BLOCK_N: tl.constexpr):
+    """``(BLOCK_M, BLOCK_N)`` bool: True where the weight ``(query m, key start_n + j)`` of head
+    ``bh`` survives dropout.  Counter-based, so any program can regenerate any tile; one Philox
+    call per 4 keys (``start_n`` is a multiple of ``BLOCK_N``, itself a multiple of 4, so a
+    group of 4 never straddles two tiles)."""
+    tl.static_assert(BLOCK_N % 4 == 0, "BLOCK_N must be a multiple of 4 (four keys per Philox call)")
+    offs_g = start_n // 4 + tl.arange(0, BLOCK_N // 4)  # key groups
+    c0 = (offs_g[None, :] + 0 * offs_m[:, None]).to(tl.uint32)  # (BLOCK_M, BLOCK_N // 4)
+    c1 = (offs_m[:, None] + 0 * offs_g[None, :]).to(tl.uint32)
     c2 = c0 * 0 + bh.to(tl.uint32)
-    r0, _, _, _ = tl.random.philox(seed, c0, c1, c2, c0 * 0)
-    return tl.random.uint_to_uniform_float(r0) >= dropout_p
+    r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, c2, c0 * 0)
+    # Compare on the quarter tiles and interleave int8 flags (a quarter of the bytes of the
+    # uint32 outputs to move into the score layout).  interleave(interleave(a, c),
+    # interleave(b, d)) puts a, b, c, d at keys 4g, 4g + 1, 4g + 2, 4g + 3.
+    k0 = (tl.random.uint_to_uniform_float(r0) >= dropout_p).to(tl.int8)
+    k1 = (tl.random.uint_to_uniform_float(r1) >= dropout_p).to(tl.int8)
+    k2 = (tl.random.uint_to_uniform_float(r2) >= dropout_p).to(tl.int8)
+    k3 = (tl.random.uint_to_uniform_float(r3) >= dropout_p).to(tl.int8)
+    return tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3)) != 0  # (BLOCK_M, BLOCK_N)
 
 
 DOT_NATIVE, DOT_IEEE, DOT_UPCAST = 0, 1, 2
@@ -68,28 +94,70 @@ def _dot(a, b, DOT: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L, qk_scale,
-            HAS_BIAS: tl.constexpr, DOT: tl.constexpr):
+def _scores(q, k, bias_ptrs, bias_mask, valid_n, qk_scale, HAS_BIAS: tl.constexpr, MASK_N: tl.constexpr,
+            DOT: tl.constexpr):
     """``(BLOCK_M, BLOCK_N)`` fp32 scores in log2 units: ``(q k^T * scale + bias) * log2(e)``,
-    ``-inf`` at masked keys."""
+    and with ``MASK_N`` ``-inf`` where ``valid_n`` is False."""
     s = _dot(q, tl.trans(k), DOT)
     s = s * qk_scale
     if HAS_BIAS:
-        b_mask = (offs_m[:, None] < L) & valid_n[None, :]
-        bias = tl.load(bias_base + offs_m[:, None] * stride_bias_l + offs_n[None, :] * stride_bias_s,
-                       mask=b_mask, other=0.0)
+        bias = tl.load(bias_ptrs, mask=bias_mask, other=0.0)
         s = s + bias.to(tl.float32) * 1.4426950408889634
-    return tl.where(valid_n[None, :], s, float("-inf"))
+    if MASK_N:
+        s = tl.where(valid_n[None, :], s, float("-inf"))
+    return s
 
 
 @triton.jit
-def _valid_keys(KPM_ptr, stride_kpm_b, b, offs_n, S, HAS_KPM: tl.constexpr):
-    """``(BLOCK_N,)`` bool: key in range and not padding."""
-    valid = offs_n < S
-    if HAS_KPM:
-        pad = tl.load(KPM_ptr + b * stride_kpm_b + offs_n, mask=valid, other=1)
-        valid = valid & (pad == 0)
+def _valid_keys(kpm_base, offs_n, kv_end, HAS_KPM: tl.constexpr, EVEN_N: tl.constexpr):
+    """``(BLOCK_N,)`` bool: key below ``kv_end`` and not padding.  ``EVEN_N``: the block lies
+    below ``kv_end`` (no bounds test, an unmasked padding load)."""
+    if EVEN_N:
+        valid = tl.full(offs_n.shape, 1, tl.int1)
+        if HAS_KPM:
+            valid = tl.load(kpm_base + offs_n) == 0
+    else:
+        valid = offs_n < kv_end
+        if HAS_KPM:
+            valid = valid & (tl.load(kpm_base + offs_n, mask=valid, other=1) == 0)
     return valid
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, offs_m, m_in, start_n, kv_end, k_base, v_base, bias_base, kpm_base,
+               stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l, stride_bias_s,
+               D, DV, qk_scale, dropout_p, seed, bh,
+               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
+               EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One key block of the forward's online softmax; ``EVEN_N``: a full block below ``kv_end``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    MASK_N: tl.constexpr = HAS_KPM or not EVEN_N
+    valid_n = _valid_keys(kpm_base, offs_n, kv_end, HAS_KPM, EVEN_N)
+    if MASK_N:
+        k_mask = valid_n[:, None] & (offs_d[None, :] < D)
+        v_mask = valid_n[:, None] & (offs_dv[None, :] < DV)
+        bias_mask = m_in[:, None] & valid_n[None, :]
+    else:
+        k_mask = offs_d[None, :] < D
+        v_mask = offs_dv[None, :] < DV
+        bias_mask = m_in[:, None]
+    k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d, mask=k_mask, other=0.0)
+    bias_ptrs = bias_base + offs_m[:, None] * stride_bias_l + offs_n[None, :] * stride_bias_s
+    s = _scores(q, k, bias_ptrs, bias_mask, valid_n, qk_scale, HAS_BIAS, MASK_N, DOT)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing allowed so far has m = -inf: shift by 0 instead (exp2(-inf) = 0,
+    # where -inf - -inf would be NaN).
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser counts dropped weights too
+    if HAS_DROPOUT:
+        p = tl.where(_keep_mask(seed, offs_m, start_n, bh, dropout_p, BLOCK_N), p, 0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_dv[None, :] * stride_v_d, mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -101,10 +169,11 @@ def _attention_fwd_kernel(
     stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_s,
     stride_kpm_b,
     stride_o_b, stride_o_h, stride_o_l, stride_o_d,
-    H, L, S, D, DV, qk_scale, dropout_p, seed,
+    H, L, S, D, DV, qk_scale, dropout_p, seed, bucket_l, bucket_s,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    # bucket_l, bucket_s: unused here, read by the autotuner (``_TUNE_KEY``).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -119,6 +188,7 @@ def _attention_fwd_kernel(
     k_base = K_ptr + b * stride_k_b + h * stride_k_h
     v_base = V_ptr + b * stride_v_b + h * stride_v_h
     bias_base = Bias_ptr + b * stride_bias_b + h * stride_bias_h
+    kpm_base = KPM_ptr + b * stride_kpm_b
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -127,27 +197,17 @@ def _attention_fwd_kernel(
     kv_end = S
     if HAS_KPM:
         kv_end = tl.load(KVEnd_ptr + b)  # one past the last non-padding key of this sequence
-    for start_n in range(0, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid_n = _valid_keys(KPM_ptr, stride_kpm_b, b, offs_n, S, HAS_KPM)
-        if tl.max(valid_n.to(tl.int32), axis=0) > 0:  # skip blocks of padding only
-            k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d,
-                        mask=valid_n[:, None] & (offs_d[None, :] < D), other=0.0)
-            s = _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L,
-                        qk_scale, HAS_BIAS, DOT)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # A row with nothing allowed so far has m = -inf: shift by 0 instead (exp2(-inf) = 0,
-            # where -inf - -inf would be NaN).
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_shift[:, None])
-            alpha = tl.math.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, axis=1)  # the normaliser counts dropped weights too
-            if HAS_DROPOUT:
-                p = tl.where(_keep_mask(seed, offs_m, offs_n, bh, dropout_p), p, 0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_dv[None, :] * stride_v_d,
-                        mask=valid_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
-            m_i = m_new
+    kv_full = (kv_end // BLOCK_N) * BLOCK_N  # full blocks: no bounds masks
+    for start_n in range(0, kv_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, offs_m, m_in, start_n, kv_end, k_base, v_base, bias_base,
+                                   kpm_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l,
+                                   stride_bias_s, D, DV, qk_scale, dropout_p, seed, bh, HAS_BIAS, HAS_KPM,
+                                   HAS_DROPOUT, DOT, True, BLOCK_N, BLOCK_D, BLOCK_DV)
+    if kv_full < kv_end:  # the partial last block
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, offs_m, m_in, kv_full, kv_end, k_base, v_base, bias_base,
+                                   kpm_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l,
+                                   stride_bias_s, D, DV, qk_scale, dropout_p, seed, bh, HAS_BIAS, HAS_KPM,
+                                   HAS_DROPOUT, DOT, False, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     empty = l_i == 0.0  # every key masked: output 0, lse -inf
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
@@ -162,30 +222,97 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _lse_log2(LSE_ptr, row_base, offs_m, L):
-    """``(BLOCK_M,)`` the saved lse in log2 units; ``+inf`` for empty rows (lse = -inf) and rows
-    past ``L``, so their recomputed weights ``exp2(s - inf)`` are 0."""
-    lse = tl.load(LSE_ptr + row_base + offs_m, mask=offs_m < L, other=0.0)
-    return tl.where((lse == float("-inf")) | (offs_m >= L), float("inf"), lse * 1.4426950408889634)
+def _attention_bwd_delta_kernel(
+    Out_ptr, DO_ptr, Delta_ptr,
+    stride_o_b, stride_o_h, stride_o_l, stride_o_d,
+    stride_do_b, stride_do_h, stride_do_l, stride_do_d,
+    H, L, DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """``delta[bh, m] = sum_d dO[m, d] O[m, d]`` in fp32 (= ``sum_n P dP``, the softmax-backward
+    row term), one program per ``(BLOCK_M queries, batch * head)``; ``Delta`` is ``(B, H, L)``
+    contiguous."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
+    o = tl.load(Out_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l
+                + offs_dv[None, :] * stride_o_d, mask=mask, other=0.0)
+    do = tl.load(DO_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l
+                 + offs_dv[None, :] * stride_do_d, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta_ptr + bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L,
-              qk_scale, seed, bh, dropout_p, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr):
+def _lse_log2(LSE_ptr, row_base, offs_m, L, EVEN_M: tl.constexpr):
+    """``(BLOCK_M,)`` the saved lse in log2 units; ``+inf`` for empty rows (lse = -inf) and rows
+    past ``L``, so their recomputed weights ``exp2(s - inf)`` are 0."""
+    if EVEN_M:
+        lse = tl.load(LSE_ptr + row_base + offs_m)
+        r = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    else:
+        lse = tl.load(LSE_ptr + row_base + offs_m, mask=offs_m < L, other=0.0)
+        r = tl.where((lse == float("-inf")) | (offs_m >= L), float("inf"), lse * 1.4426950408889634)
+    return r
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse2, delta, offs_m, start_n, valid_n, bias_ptrs, bias_mask, qk_scale, seed, bh,
+              dropout_p, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_N: tl.constexpr,
+              DOT: tl.constexpr, BLOCK_N: tl.constexpr):
     """One ``(BLOCK_M, BLOCK_N)`` tile of the backward, shared by both backward kernels:
     ``(P_drop, dS)`` with ``P`` recomputed from the lse, ``P_drop`` the weights after dropout
     (for ``dV = P_drop^T dO``) and ``dS = P * (dP - delta)``, ``dP`` the gradient wrt the
     dropped-out weights mapped back through the dropout (for ``dQ = dS K``, ``dK = dS^T Q``)."""
-    s = _scores(q, k, offs_m, offs_n, valid_n, bias_base, stride_bias_l, stride_bias_s, L, qk_scale, HAS_BIAS, DOT)
+    s = _scores(q, k, bias_ptrs, bias_mask, valid_n, qk_scale, HAS_BIAS, MASK_N, DOT)
     p = tl.math.exp2(s - lse2[:, None])  # softmax weights
     dp = _dot(do, tl.trans(v), DOT)
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, offs_m, offs_n, bh, dropout_p)
+        keep = _keep_mask(seed, offs_m, start_n, bh, dropout_p, BLOCK_N)
         p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     else:
         p_drop = p
     return p_drop, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, start_m, start_n, valid_n, q_base, do_base, bias_base, LSE_ptr, Delta_ptr,
+                row_base, stride_q_l, stride_q_d, stride_do_l, stride_do_d, stride_bias_l, stride_bias_s,
+                L, D, DV, qk_scale, dropout_p, seed, bh,
+                HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr, EVEN_M: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One query block of the dK/dV accumulation; ``EVEN_M``: a full block below ``L``."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if EVEN_M:
+        q_mask = offs_d[None, :] < D
+        do_mask = offs_dv[None, :] < DV
+        bias_mask = valid_n[None, :]
+        delta = tl.load(Delta_ptr + row_base + offs_m)
+    else:
+        m_in = offs_m < L
+        q_mask = m_in[:, None] & (offs_d[None, :] < D)
+        do_mask = m_in[:, None] & (offs_dv[None, :] < DV)
+        bias_mask = m_in[:, None] & valid_n[None, :]
+        delta = tl.load(Delta_ptr + row_base + offs_m, mask=m_in, other=0.0)
+    q = tl.load(q_base + offs_m[:, None] * stride_q_l + offs_d[None, :] * stride_q_d, mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d, mask=do_mask,
+                 other=0.0)
+    lse2 = _lse_log2(LSE_ptr, row_base, offs_m, L, EVEN_M)
+    bias_ptrs = bias_base + offs_m[:, None] * stride_bias_l + offs_n[None, :] * stride_bias_s
+    # MASK_N=False: an invalid key's scores only reach its own dK/dV row, zeroed at the store.
+    p_drop, ds = _bwd_tile(q, k, v, do, lse2, delta, offs_m, start_n, valid_n, bias_ptrs, bias_mask, qk_scale,
+                           seed, bh, dropout_p, HAS_BIAS, HAS_DROPOUT, False, DOT, BLOCK_N)
+    dv += _dot(tl.trans(p_drop.to(do.dtype)), do, DOT)
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT)
+    return dk, dv
 
 
 @triton.jit
@@ -199,7 +326,7 @@ def _attention_bwd_dkdv_kernel(
     stride_do_b, stride_do_h, stride_do_l, stride_do_d,
     stride_dk_b, stride_dk_h, stride_dk_s, stride_dk_d,
     stride_dv_b, stride_dv_h, stride_dv_s, stride_dv_d,
-    H, L, S, D, DV, scale, qk_scale, dropout_p, seed,
+    H, L, S, D, DV, scale, qk_scale, dropout_p, seed, bucket_l, bucket_s,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -207,14 +334,16 @@ def _attention_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    valid_n = _valid_keys(KPM_ptr, stride_kpm_b, b, offs_n, S, HAS_KPM)
+    valid_n = _valid_keys(KPM_ptr + b * stride_kpm_b, offs_n, S, HAS_KPM, False)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    if tl.max(valid_n.to(tl.int32), axis=0) > 0:  # padding keys get zero gradients, no work
+    # Outside any loop: a program whose keys are all padding does no work.
+    if tl.max(valid_n.to(tl.int32), axis=0) > 0:
         k = tl.load(K_ptr + b * stride_k_b + h * stride_k_h + offs_n[:, None] * stride_k_s
                     + offs_d[None, :] * stride_k_d, mask=valid_n[:, None] & (offs_d[None, :] < D), other=0.0)
         v = tl.load(V_ptr + b * stride_v_b + h * stride_v_h + offs_n[:, None] * stride_v_s
@@ -224,19 +353,20 @@ def _attention_bwd_dkdv_kernel(
         do_base = DO_ptr + b * stride_do_b + h * stride_do_h
         bias_base = Bias_ptr + b * stride_bias_b + h * stride_bias_h
         row_base = bh.to(tl.int64) * L
-        for start_m in range(0, L, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_in = offs_m < L
-            q = tl.load(q_base + offs_m[:, None] * stride_q_l + offs_d[None, :] * stride_q_d,
-                        mask=m_in[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_do_l + offs_dv[None, :] * stride_do_d,
-                         mask=m_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            lse2 = _lse_log2(LSE_ptr, row_base, offs_m, L)
-            delta = tl.load(Delta_ptr + row_base + offs_m, mask=m_in, other=0.0)
-            p_drop, ds = _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, valid_n, bias_base, stride_bias_l,
-                                   stride_bias_s, L, qk_scale, seed, bh, dropout_p, HAS_BIAS, HAS_DROPOUT, DOT)
-            dv += _dot(tl.trans(p_drop.to(do.dtype)), do, DOT)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, DOT)
+        l_full = (L // BLOCK_M) * BLOCK_M  # full query blocks: no bounds masks
+        for start_m in range(0, l_full, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, start_m, start_n, valid_n, q_base, do_base, bias_base, LSE_ptr,
+                                 Delta_ptr, row_base, stride_q_l, stride_q_d, stride_do_l, stride_do_d,
+                                 stride_bias_l, stride_bias_s, L, D, DV, qk_scale, dropout_p, seed, bh,
+                                 HAS_BIAS, HAS_DROPOUT, DOT, True, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+        if l_full < L:  # the partial last query block
+            dk, dv = _dkdv_block(dk, dv, k, v, l_full, start_n, valid_n, q_base, do_base, bias_base, LSE_ptr,
+                                 Delta_ptr, row_base, stride_q_l, stride_q_d, stride_do_l, stride_do_d,
+                                 stride_bias_l, stride_bias_s, L, D, DV, qk_scale, dropout_p, seed, bh,
+                                 HAS_BIAS, HAS_DROPOUT, DOT, False, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
+    # Padding keys get zero gradients (their rows above hold garbage: scores were not masked).
+    dk = tl.where(valid_n[:, None], dk, 0.0)
+    dv = tl.where(valid_n[:, None], dv, 0.0)
     n_in = offs_n < S
     tl.store(DK_ptr + b * stride_dk_b + h * stride_dk_h + offs_n[:, None] * stride_dk_s
              + offs_d[None, :] * stride_dk_d, (dk * scale).to(DK_ptr.dtype.element_ty),
@@ -244,6 +374,34 @@ def _attention_bwd_dkdv_kernel(
     tl.store(DV_ptr + b * stride_dv_b + h * stride_dv_h + offs_n[:, None] * stride_dv_s
              + offs_dv[None, :] * stride_dv_d, dv.to(DV_ptr.dtype.element_ty),
              mask=n_in[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, offs_m, m_in, start_n, kv_end, k_base, v_base, bias_base, kpm_base,
+              stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l, stride_bias_s,
+              D, DV, qk_scale, dropout_p, seed, bh,
+              HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
+              EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One key block of the dQ accumulation; ``EVEN_N``: a full block below ``kv_end``."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    MASK_N: tl.constexpr = HAS_KPM or not EVEN_N
+    valid_n = _valid_keys(kpm_base, offs_n, kv_end, HAS_KPM, EVEN_N)
+    if MASK_N:
+        k_mask = valid_n[:, None] & (offs_d[None, :] < D)
+        v_mask = valid_n[:, None] & (offs_dv[None, :] < DV)
+        bias_mask = m_in[:, None] & valid_n[None, :]
+    else:
+        k_mask = offs_d[None, :] < D
+        v_mask = offs_dv[None, :] < DV
+        bias_mask = m_in[:, None]
+    k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d, mask=k_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_dv[None, :] * stride_v_d, mask=v_mask, other=0.0)
+    bias_ptrs = bias_base + offs_m[:, None] * stride_bias_l + offs_n[None, :] * stride_bias_s
+    _, ds = _bwd_tile(q, k, v, do, lse2, delta, offs_m, start_n, valid_n, bias_ptrs, bias_mask, qk_scale,
+                      seed, bh, dropout_p, HAS_BIAS, HAS_DROPOUT, MASK_N, DOT, BLOCK_N)
+    return dq + _dot(ds.to(k.dtype), k, DOT)
 
 
 @triton.jit
@@ -256,7 +414,7 @@ def _attention_bwd_dq_kernel(
     stride_kpm_b,
     stride_do_b, stride_do_h, stride_do_l, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_l, stride_dq_d,
-    H, L, S, D, DV, scale, qk_scale, dropout_p, seed,
+    H, L, S, D, DV, scale, qk_scale, dropout_p, seed, bucket_l, bucket_s,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -274,27 +432,28 @@ def _attention_bwd_dq_kernel(
     do = tl.load(DO_ptr + b * stride_do_b + h * stride_do_h + offs_m[:, None] * stride_do_l
                  + offs_dv[None, :] * stride_do_d, mask=m_in[:, None] & (offs_dv[None, :] < DV), other=0.0)
     row_base = bh.to(tl.int64) * L
-    lse2 = _lse_log2(LSE_ptr, row_base, offs_m, L)
+    lse2 = _lse_log2(LSE_ptr, row_base, offs_m, L, False)
     delta = tl.load(Delta_ptr + row_base + offs_m, mask=m_in, other=0.0)
     k_base = K_ptr + b * stride_k_b + h * stride_k_h
     v_base = V_ptr + b * stride_v_b + h * stride_v_h
     bias_base = Bias_ptr + b * stride_bias_b + h * stride_bias_h
+    kpm_base = KPM_ptr + b * stride_kpm_b
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     kv_end = S
     if HAS_KPM:
         kv_end = tl.load(KVEnd_ptr + b)
-    for start_n in range(0, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        valid_n = _valid_keys(KPM_ptr, stride_kpm_b, b, offs_n, S, HAS_KPM)
-        if tl.max(valid_n.to(tl.int32), axis=0) > 0:
-            k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d,
-                        mask=valid_n[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_dv[None, :] * stride_v_d,
-                        mask=valid_n[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            _, ds = _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, valid_n, bias_base, stride_bias_l,
-                              stride_bias_s, L, qk_scale, seed, bh, dropout_p, HAS_BIAS, HAS_DROPOUT, DOT)
-            dq += _dot(ds.to(k.dtype), k, DOT)
+    kv_full = (kv_end // BLOCK_N) * BLOCK_N
+    for start_n in range(0, kv_full, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, offs_m, m_in, start_n, kv_end, k_base, v_base, bias_base,
+                       kpm_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l, stride_bias_s,
+                       D, DV, qk_scale, dropout_p, seed, bh, HAS_BIAS, HAS_KPM, HAS_DROPOUT, DOT, True,
+                       BLOCK_N, BLOCK_D, BLOCK_DV)
+    if kv_full < kv_end:
+        dq = _dq_block(dq, q, do, lse2, delta, offs_m, m_in, kv_full, kv_end, k_base, v_base, bias_base,
+                       kpm_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l, stride_bias_s,
+                       D, DV, qk_scale, dropout_p, seed, bh, HAS_BIAS, HAS_KPM, HAS_DROPOUT, DOT, False,
+                       BLOCK_N, BLOCK_D, BLOCK_DV)
     tl.store(DQ_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_l
              + offs_d[None, :] * stride_dq_d, (dq * scale).to(DQ_ptr.dtype.element_ty),
              mask=m_in[:, None] & (offs_d[None, :] < D))
@@ -308,7 +467,7 @@ def _attention_dropout_mask_kernel(Mask_ptr, H, L, S, dropout_p, seed,
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep_mask(seed, offs_m, offs_n, bh, dropout_p)
+    keep = _keep_mask(seed, offs_m, pid_n * BLOCK_N, bh, dropout_p, BLOCK_N)
     ptrs = Mask_ptr + (bh.to(tl.int64) * L + offs_m[:, None]) * S + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
 
@@ -333,9 +492,26 @@ def _dot_mode(dtype):
 
 
 # Tile shapes, warps and pipeline stages are tuned on the device at the first call of each
-# (head dims, dtype, masks, dropout) combination (``triton.autotune``), not per sequence length:
-# padded batches change L and S at every step, and re-tuning each would cost seconds.
-_TUNE_KEY = ["D", "DV", "HAS_BIAS", "HAS_KPM", "HAS_DROPOUT", "DOT"]
+# (head dims, dtype, masks, dropout, L bucket, S bucket) combination (``triton.autotune``).  The
+# sequence lengths enter as power-of-two buckets, not exactly: padded batches change L and S at
+# every step, and re-tuning each would cost seconds; but encoder self-attention (thousands of
+# keys) and decoder cross-attention (~100 queries) want different tiles.
+_TUNE_KEY = ["D", "DV", "HAS_BIAS", "HAS_KPM", "HAS_DROPOUT", "DOT", "bucket_l", "bucket_s"]
+SEQ_BUCKET_MIN, SEQ_BUCKET_MAX = 16, 4096
+
+
+def seq_bucket(n):
+    """The autotuning bucket of a sequence length: its next power of two, clamped to
+    ``[SEQ_BUCKET_MIN, SEQ_BUCKET_MAX]`` (past 4096 keys the best tile no longer changes, and
+    each bucket costs one tuning run)."""
+    return min(max(triton.next_power_of_2(max(int(n), 1)), SEQ_BUCKET_MIN), SEQ_BUCKET_MAX)
+
+
+def _warps_for(m, n):
+    """Warps worth trying for a ``m x n`` tile: 4 for small tiles, 8 for large ones, both in
+    between (more warps than the tile feeds only adds sync; fewer spills registers)."""
+    area = m * n
+    return (4,) if area <= 64 * 32 else (8,) if area >= 128 * 64 else (4, 8)
 
 
 def _configs(backward):
@@ -347,19 +523,44 @@ def _configs(backward):
     tiles = ([(32, 64), (64, 32), (64, 64), (64, 128), (128, 64)] if backward
              else [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)])
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n in tiles for w in (4, 8) for st in ((1, 2) if backward else (2, 3))]
+            for m, n in tiles for w in _warps_for(m, n) for st in ((1, 2) if backward else (2, 3))]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles whose fp32 score/accumulator tiles cannot fit in registers for wide heads."""
+def _prune(configs, named_args, loop="keys", **kwargs):
+    """The configs worth benchmarking for these arguments.
+
+    Always: drop tiles whose fp32 score/accumulator tiles cannot fit in registers for wide heads.
+    With the sequence buckets (``named_args["bucket_l"]``, ``["bucket_s"]``, which the launchers
+    pass): drop tiles longer than the sequence they tile (``BLOCK_M > bucket_l`` or ``BLOCK_N >
+    bucket_s``; if no tile fits both, the smallest tiles), and pipelines deeper than the kernel's loop
+    has iterations (``loop`` is ``"keys"`` for the forward and dQ kernels, ``"queries"`` for
+    dK/dV): a stage without an iteration to prefetch costs shared memory for nothing.  Never
+    returns an empty list."""
     width = max(named_args["D"], named_args["DV"])
     kept = [c for c in configs if width <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
-    return kept or configs
+    kept = kept or configs
+    if "bucket_l" not in named_args:  # a caller asking about head dims only
+        return kept
+    bucket_l, bucket_s = named_args["bucket_l"], named_args["bucket_s"]
+    cap_m = max(bucket_l, min(c.kwargs["BLOCK_M"] for c in kept))
+    cap_n = max(bucket_s, min(c.kwargs["BLOCK_N"] for c in kept))
+    fit = [c for c in kept if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
+    if not fit:  # no tile is short in both directions (e.g. 16 x 16 against 32 x 64, 64 x 32)
+        smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept)
+        fit = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == smallest]
+    kept = fit
+    min_stages = min(c.num_stages for c in kept)
+
+    def trips(c):
+        return bucket_s // c.kwargs["BLOCK_N"] if loop == "keys" else bucket_l // c.kwargs["BLOCK_M"]
+
+    return [c for c in kept if c.num_stages <= max(trips(c), min_stages)]
 
 
-def _tuned(kernel, backward):
+def _tuned(kernel, backward, loop):
+    prune = functools.partial(_prune, loop=loop)
     return triton.autotune(configs=_configs(backward), key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 _TUNED = {}
@@ -371,7 +572,7 @@ def _launcher(name):
     if name not in _TUNED:
         kernel = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel,
                   "dq": _attention_bwd_dq_kernel}[name]
-        _TUNED[name] = _tuned(kernel, backward=name != "fwd")
+        _TUNED[name] = _tuned(kernel, backward=name != "fwd", loop="queries" if name == "dkdv" else "keys")
     return _TUNED[name]
 
 
@@ -419,16 +620,39 @@ def attention_fwd_triton(q, k, v, bias, kpm, dropout_p, scale, seed):
     if S == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     bias_arg, bias_strides, kpm_arg, kv_end, stride_kpm = _masks(bias, kpm, q, B, H, L, S)
+    # Note (issue 18, section 2, item 5; not done): the grid has cdiv(L, BLOCK_M) * B * H
+    # programs, so the decoder's 100 queries make one row block per head: B * H programs (e.g.
+    # 2 * 8 = 16 on 132 SMs) each streaming all ~3,400 keys.  The fixes are splitting the keys
+    # across programs (flash-decoding: per-split (m, l, acc) partials and a combine kernel) or
+    # packing several heads' queries into one BLOCK_M tile; the autotuner's L bucket already lets
+    # that shape pick BLOCK_M = 64 (twice the programs).
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launcher("fwd")[grid](
         q, k, v, bias_arg, kpm_arg, kv_end, out, lse,
         *_strides4(q), *_strides4(k), *_strides4(v), *bias_strides, stride_kpm, *_strides4(out),
-        H, L, S, D, DV, scale * LOG2E, dropout_p, seed,
+        H, L, S, D, DV, scale * LOG2E, dropout_p, seed, seq_bucket(L), seq_bucket(S),
         HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
         DOT=_dot_mode(q.dtype),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
     )
     return out, lse
+
+
+def attention_bwd_delta_triton(grad_out, out):
+    """``delta = rowsum(dO * O)`` ``(B, H, L)`` fp32 contiguous, for ``grad_out`` and ``out``
+    ``(B, H, L, Dv)`` of any strides (the softmax-backward row term ``sum_j P_ij dP_ij``)."""
+    B, H, L, DV = out.shape
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=out.device)
+    if delta.numel() == 0:
+        return delta
+    block_dv = max(16, triton.next_power_of_2(DV))
+    # Memory-bound: no tuning; about 4096 elements of each operand per program (16 fp32
+    # registers a thread at 4 warps).
+    block_m = min(128, max(16, 4096 // block_dv))
+    _attention_bwd_delta_kernel[(triton.cdiv(L, block_m), B * H)](
+        out, grad_out, delta, *_strides4(out), *_strides4(grad_out), H, L, DV,
+        BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4)
+    return delta
 
 
 def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, kpm, dropout_p, scale, seed):
@@ -438,22 +662,22 @@ def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, kpm, dropout_p, scal
     dq, dk, dv = empty_like_layout(q, q.shape), empty_like_layout(k, k.shape), empty_like_layout(v, v.shape)
     if B * H * L == 0 or S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    # delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij: the softmax-backward row term.
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, L)
+    delta = attention_bwd_delta_triton(grad_out, out)  # (B, H, L) fp32
     bias_arg, bias_strides, kpm_arg, kv_end, stride_kpm = _masks(bias, kpm, q, B, H, L, S)
     consts = dict(HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
                   DOT=_dot_mode(q.dtype),
                   BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)))
+    buckets = (seq_bucket(L), seq_bucket(S))
     common = (*_strides4(q), *_strides4(k), *_strides4(v), *bias_strides, stride_kpm, *_strides4(grad_out))
     _launcher("dkdv")[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * H)](
         q, k, v, bias_arg, kpm_arg, grad_out, lse, delta, dk, dv,
         *common, *_strides4(dk), *_strides4(dv),
-        H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, **consts,
+        H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, *buckets, **consts,
     )
     _launcher("dq")[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](
         q, k, v, bias_arg, kpm_arg, kv_end, grad_out, lse, delta, dq,
         *common, *_strides4(dq),
-        H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, **consts,
+        H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, *buckets, **consts,
     )
     return dq, dk, dv
 
