@@ -399,7 +399,7 @@ def check_autotune_configs(item, run):
     tuners = {n: T._launcher(n) for n in ("fwd", "dkdv", "dq")}
     for name in item.shapes:
         D = int(name.rsplit("_", 1)[1])
-        pruned = {n: T._prune(t.configs, {"D": D, "DV": D}) for n, t in tuners.items()}
+        pruned = {n: T._prune(t.configs, {"D": D, "DV": D}, kind=n) for n, t in tuners.items()}
         count = max(len(c) for c in pruned.values())
         # Awkward sizes: partial blocks everywhere, trailing and scattered key padding.
         shape = S.AttentionShape(f"configs_d{D}", 2, 203, 333, 2 * D, 2, (0.1, 0.3), False, "config sweep")

@@ -507,37 +507,54 @@ def seq_bucket(n):
     return min(max(triton.next_power_of_2(max(int(n), 1)), SEQ_BUCKET_MIN), SEQ_BUCKET_MAX)
 
 
-def _warps_for(m, n):
-    """Warps worth trying for a ``m x n`` tile: 4 for small tiles, 8 for large ones, both in
-    between (more warps than the tile feeds only adds sync; fewer spills registers)."""
-    area = m * n
-    return (4,) if area <= 64 * 32 else (8,) if area >= 128 * 64 else (4, 8)
+# The tiles each kernel may use, by head width (``max(D, Dv)`` rounded up to the kernel's
+# ``BLOCK_D``: 32, 64, or wider), all at 4 warps.  Measured by compiling every candidate for sm_90
+# (ptxas 13.0, Triton 3.8, bf16 with padding mask and dropout; ``benchmarks/kernel_report``,
+# whose test re-checks the pruned set): a tile is listed when no stage count of it spills.  Why
+# 4 warps: 128 threads at <= 255 registers keep 2 blocks resident per SM (65,536 registers);
+# every 8-warp tile compiled needs > 128 registers a thread, so 1 block.  Larger tiles spilled
+# (e.g. forward 128 x 64 at width 32: 24 B; 64 x 64 at width 128: 92 B; dK/dV 64 x 128 at width
+# 32: 172 B).  Head dim 96 (UniT's decoder, 768 / 8) pads to 128, so it has the wide row.
+TILES = {
+    "fwd": {32: ((64, 32), (64, 64), (128, 32)), 64: ((64, 32), (64, 64)), 128: ((64, 32),)},
+    "dkdv": {32: ((32, 64), (64, 32), (64, 64)), 64: ((64, 32),), 128: ((64, 32),)},
+    "dq": {32: ((32, 64), (64, 32), (64, 64)), 64: ((32, 64), (64, 32), (64, 64)), 128: ((64, 32),)},
+}
+NUM_WARPS = 4
+STAGES = {"fwd": (2, 3), "dkdv": (1, 2), "dq": (1, 2)}
 
 
-def _configs(backward):
-    """Candidate ``triton.Config``s.  One 16 x 16 config under the interpreter (numpy cost grows
+def _width_class(named_args):
+    """32, 64 or 128: the ``TILES`` row of these head dims (any width past 64 takes the last)."""
+    width = max(named_args["D"], named_args["DV"])
+    return 32 if width <= 32 else 64 if width <= 64 else 128
+
+
+def _configs(kind):
+    """Candidate ``triton.Config``s of kernel ``kind`` (every width's tiles; ``_prune`` keeps the
+    row of the call's head dims).  One 16 x 16 config under the interpreter (numpy cost grows
     with the tile; with a single config the autotuner runs it without benchmarking, so CPU
     tests go through the same launch path as the GPU)."""
     if _interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    tiles = ([(32, 64), (64, 32), (64, 64), (64, 128), (128, 64)] if backward
-             else [(64, 32), (64, 64), (128, 32), (128, 64), (128, 128)])
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-            for m, n in tiles for w in _warps_for(m, n) for st in ((1, 2) if backward else (2, 3))]
+    tiles = sorted({t for row in TILES[kind].values() for t in row})
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=NUM_WARPS, num_stages=st)
+            for m, n in tiles for st in STAGES[kind]]
 
 
-def _prune(configs, named_args, loop="keys", **kwargs):
+def _prune(configs, named_args, kind="fwd", loop="keys", **kwargs):
     """The configs worth benchmarking for these arguments.
 
-    Always: drop tiles whose fp32 score/accumulator tiles cannot fit in registers for wide heads.
-    With the sequence buckets (``named_args["bucket_l"]``, ``["bucket_s"]``, which the launchers
-    pass): drop tiles longer than the sequence they tile (``BLOCK_M > bucket_l`` or ``BLOCK_N >
-    bucket_s``; if no tile fits both, the smallest tiles), and pipelines deeper than the kernel's loop
-    has iterations (``loop`` is ``"keys"`` for the forward and dQ kernels, ``"queries"`` for
+    Always: keep the tiles ``TILES[kind]`` lists for the call's head width (if none of
+    ``configs`` is listed, e.g. the interpreter's single config, all of them).  With the
+    sequence buckets (``named_args["bucket_l"]``, ``["bucket_s"]``, which the launchers pass):
+    drop tiles longer than the sequence they tile (``BLOCK_M > bucket_l`` or ``BLOCK_N >
+    bucket_s``; if no tile fits both, the smallest tiles), and pipelines deeper than the kernel's
+    loop has iterations (``loop`` is ``"keys"`` for the forward and dQ kernels, ``"queries"`` for
     dK/dV): a stage without an iteration to prefetch costs shared memory for nothing.  Never
     returns an empty list."""
-    width = max(named_args["D"], named_args["DV"])
-    kept = [c for c in configs if width <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    allowed = TILES[kind][_width_class(named_args)]
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in allowed]
     kept = kept or configs
     if "bucket_l" not in named_args:  # a caller asking about head dims only
         return kept
@@ -557,9 +574,9 @@ def _prune(configs, named_args, loop="keys", **kwargs):
     return [c for c in kept if c.num_stages <= max(trips(c), min_stages)]
 
 
-def _tuned(kernel, backward, loop):
-    prune = functools.partial(_prune, loop=loop)
-    return triton.autotune(configs=_configs(backward), key=_TUNE_KEY,
+def _tuned(kernel, kind, loop):
+    prune = functools.partial(_prune, kind=kind, loop=loop)
+    return triton.autotune(configs=_configs(kind), key=_TUNE_KEY,
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -572,7 +589,7 @@ def _launcher(name):
     if name not in _TUNED:
         kernel = {"fwd": _attention_fwd_kernel, "dkdv": _attention_bwd_dkdv_kernel,
                   "dq": _attention_bwd_dq_kernel}[name]
-        _TUNED[name] = _tuned(kernel, backward=name != "fwd", loop="queries" if name == "dkdv" else "keys")
+        _TUNED[name] = _tuned(kernel, name, loop="queries" if name == "dkdv" else "keys")
     return _TUNED[name]
 
 
