@@ -1,6 +1,7 @@
 // Shortest-augmenting-path linear-sum assignment: the algorithm core shared by
-// the CPU kernel (one thread per problem) and the CUDA kernel (one block per
-// problem).
+// the CPU kernel (one thread per problem) and the CUDA kernel (one warp per
+// problem, several per block, for problems whose cost tile fits in shared
+// memory; one block per problem above that).
 //
 // Algorithm: Crouse, "On implementing 2D rectangular assignment algorithms",
 // IEEE TAES 2016 -- the family scipy.optimize.linear_sum_assignment uses.  For a
@@ -10,9 +11,10 @@
 // the path.  O(nr^2 nc) worst case.
 //
 // Every loop over rows or columns takes (start, stride): the CPU calls it with
-// (0, 1), a CUDA block with (threadIdx.x, blockDim.x) and then combines the
-// per-thread results.  solve() at the bottom is the one driver for both (see
-// the Block policies there).
+// (0, 1), a CUDA block with (threadIdx.x, blockDim.x), a warp with (lane, 32),
+// and then combines the per-thread results.  solve() at the bottom is the one
+// driver for all of them (see the Block policies there, and WarpBlock for the
+// one-warp-per-problem path).
 //
 // Tie-breaking: the column chosen in each Dijkstra step is the one scipy's
 // implementation chooses (smallest reduced cost; among equal costs a free
@@ -476,6 +478,34 @@ UF_HD Key scan_remaining(const P& p, W& w, int i, double min_val, int n_rem) {
   return best;
 }
 
+// scan_remaining with the list rem[0..n_rem) strided across workers (lane l of
+// a warp takes k = l, l + 32, ...): the GPU scan.  Only unsettled columns are
+// visited -- the scan shrinks by one column per step, where scan() re-reads
+// every column and skips the settled ones -- and the worker's local minimum
+// under better() is merged by the caller.  On the GPU the gather rem[k] is a
+// shared-memory read; rem starts as nc-1, nc-2, ... and settle() moves one
+// entry per step, so consecutive lanes still read mostly adjacent columns.
+template <typename P, typename W>
+UF_HD Key scan_remaining_strided(const P& p, W& w, int i, double min_val, int n_rem, int start, int stride) {
+  Key best{INFINITY, -1};
+  const double ui = w.u[i];
+  for (int k = start; k < n_rem; k += stride) {
+    const int j = w.rem[k];
+    const double r = min_val + p.at(i, j) - ui - w.v[j];
+    double s = w.spc[j];
+    if (r < s) {
+      w.path[j] = i;
+      w.spc[j] = s = r;
+    }
+    if (s < best.val || best.j < 0) {
+      best = Key{s, j};
+    } else if (s == best.val && better(w, Key{s, j}, best)) {
+      best = Key{s, j};
+    }
+  }
+  return best;
+}
+
 // Settles column j, chosen by a search step: removes it from rem[] (n_rem is
 // the count after removal) and marks the row it leads to (next >= 0) reached.
 template <typename W>
@@ -542,9 +572,10 @@ UF_HD void write_result(const W& w, int status, bool transposed, int n_out, int6
 //               threads, seen by all.
 // Values every thread computes from those results (i, min_val, n_rem) stay
 // uniform, so control flow never diverges inside a block.  SerialBlock below
-// is the CPU kernel, SimBlock a sequential simulation of a CUDA block that lets
-// CPU tests run the CUDA decomposition; CudaBlock is in
-// cuda/hungarian_match_kernel.cu.
+// is the CPU kernel, SimBlock a sequential model of a block's decomposition;
+// WarpBlock and ThreadBlock (further down) are the CUDA paths, templated on the
+// warp/block primitives so that the CPU simulation runs the same code on
+// interleaved fibers.
 
 template <typename P, typename Block, typename W>
 UF_HD void jv_start(const P& p, W& w, Block& blk, ArrState* st) {
@@ -639,7 +670,9 @@ struct SerialBlock {
 // A CUDA block of T threads simulated on the host, one thread after another.
 // Between barriers the algorithm's threads touch disjoint columns or only read
 // shared state, so running them in sequence computes exactly what the block
-// computes; CPU tests use it to execute the CUDA kernel's decomposition.
+// computes.  Only the work decomposition is modelled (any T, also T that no
+// kernel launches); ThreadBlock below, run on interleaved fibers, is the CPU
+// model of the CUDA block path itself, warps and barriers included.
 struct SimBlock {
   int T;
   template <typename F>
@@ -663,15 +696,320 @@ struct SimBlock {
     return m;
   }
   template <typename P, typename W>
-  Key scan(const P& p, W& w, int i, double min_val, int /*n_rem*/) {
+  Key scan(const P& p, W& w, int i, double min_val, int n_rem) {
     Key best{INFINITY, -1};
     for (int t = 0; t < T; ++t) {
-      const Key k = lsa::scan(p, w, i, min_val, t, T);
+      const Key k = scan_remaining_strided(p, w, i, min_val, n_rem, t, T);
       if (better(w, k, best)) best = k;
     }
     return best;
   }
 };
+
+// ---- One warp per problem ------------------------------------------------------
+//
+// The small-problem GPU path: each warp of a block owns one problem, so a
+// block of W warps solves W problems and no block barrier is ever needed.  The
+// same driver (solve) runs under WarpBlock, whose collectives are warp
+// primitives of a Lanes type:
+//   lane()           this lane, 0..31;
+//   sync()           __syncwarp(kFullMask): the memory fence between lanes;
+//   shfl_xor(x, o)   __shfl_xor_sync(kFullMask, x, o) for double and int;
+//   any(p)           __any_sync(kFullMask, p).
+// CudaLanes (cuda/hungarian_match_kernel.cu) maps them to the intrinsics;
+// the CPU test-only simulation (cpu/hungarian_match_kernel.cpp, SimLanes) runs
+// the 32 lanes as interleaved fibers that meet at each primitive, so a missing
+// sync() or a wrong mask changes what the CPU tests see.
+//
+// Warp-synchronous rules this code keeps (and the simulation checks):
+//   * control flow is warp-uniform: every value a branch depends on is either
+//     a butterfly result (identical in all lanes) or shared state read after
+//     a sync();
+//   * every collective names all 32 lanes (kFullMask), and every lane reaches
+//     it: a warp never exits early, problems past the batch skip as a whole;
+//   * shared state written by lane 0 (single) or by each lane for its own
+//     columns (all) is read by other lanes only after sync().
+// Reductions are butterflies (shfl_xor), so every lane ends with the result and
+// nothing is broadcast through shared memory.  better() and lex_less are total
+// orders on distinct columns, so every lane computes the same minimum whatever
+// the pairing order.
+//
+// What was taken from the two designs the issue names:
+//   * torch-linear-assignment 0.1.0 (Triton): one program per problem with
+//     no barriers, and a contiguous transposed copy so scans are unit stride.
+//     Taken: one warp per problem, no barriers, the transposed copy -- made in
+//     shared memory by the warp itself (coalesced reads of the input in its own
+//     layout), so there is no extra kernel and no global scratch.  Not taken:
+//     its state in registers (that is why it recompiles for every new shape) and
+//     its two host syncs per call; here shapes are runtime values and errors are
+//     codes in the output, so a call never syncs.
+//   * HyLAC (Kawtikwar & Nagi, JPDC 2024): a granularity per problem size --
+//     a tiled "stream" solver for many small problems, a block per problem, and
+//     a many-block solver for one large problem; coalesced access and few host
+//     syncs.  Taken: the size-based choice between the warp path and the block
+//     path (launch() in the .cu).  Its many-block solver is the model for the
+//     missing piece (several blocks on one large problem), not done yet.
+//
+// Precision (FP32 where exact, FP64 where needed):
+//   * the staged cost tile is float for float, half and bfloat16 inputs:
+//     converting those to float and flipping the sign are exact, so nothing is
+//     lost and the tile takes half the shared memory of doubles (DETR's 20 x 100
+//     is 8 KB); double inputs keep a double tile (rounding them would change the
+//     problem);
+//   * duals u, v and path costs spc stay FP64: they accumulate a sum of O(nr)
+//     cost differences per search, and the contract is scipy's total (and, with
+//     scipy_ties, scipy's exact assignment, which depends on double rounding of
+//     the same expressions).  Float duals would make reduced costs of ~1e-7
+//     relative error look like ties and return a near-optimal assignment.  The
+//     CPU float path (lsa_simd.h) accepts that at rel 1e-5 to run 8 float lanes
+//     per instruction; on the GPU the scan is latency bound, and H100-class FP64
+//     runs at half the FP32 rate, so FP64 state costs little;
+//   * indices are int32 and flags bytes (exact).
+
+#ifndef UF_LSA_FULL_MASK
+#define UF_LSA_FULL_MASK 0xffffffffu
+#endif
+constexpr unsigned kFullMask = UF_LSA_FULL_MASK;
+constexpr int kWarpSize = 32;
+
+template <typename Lanes>
+struct WarpBlock {
+  Lanes& ln;
+  template <typename F>
+  UF_HD void all(F f) {
+    f(ln.lane(), kWarpSize);
+    ln.sync();
+  }
+  template <typename F>
+  UF_HD void single(F f) {
+    if (ln.lane() == 0) f();
+    ln.sync();
+  }
+  template <typename F>
+  UF_HD bool any(F f) {
+    return ln.any(f(ln.lane(), kWarpSize));
+  }
+  template <typename F>
+  UF_HD TwoMin two_min(F f) {
+    TwoMin t = f(ln.lane(), kWarpSize);
+    for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+      TwoMin o;
+      o.v1 = ln.shfl_xor(t.v1, off);
+      o.j1 = ln.shfl_xor(t.j1, off);
+      o.v2 = ln.shfl_xor(t.v2, off);
+      o.j2 = ln.shfl_xor(t.j2, off);
+      t = two_min_merge(t, o);
+    }
+    return t;
+  }
+  template <typename P, typename W>
+  UF_HD Key scan(const P& p, W& w, int i, double min_val, int n_rem) {
+    Key k = scan_remaining_strided(p, w, i, min_val, n_rem, ln.lane(), kWarpSize);
+    for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+      Key o;
+      o.val = ln.shfl_xor(k.val, off);
+      o.j = ln.shfl_xor(k.j, off);
+      if (better(w, o, k)) k = o;
+    }
+    // The last better() above reads pos[] and row4col[], which lane 0's
+    // settle() writes next: without this sync lane 0 can run ahead and settle
+    // while another lane still compares (found by the interleaved simulation).
+    ln.sync();
+    return k;
+  }
+};
+
+// The staged tile: float for inputs narrower than double, double for double.
+template <typename scalar_t>
+struct TileType {
+  using type = float;
+};
+template <>
+struct TileType<double> {
+  using type = double;
+};
+
+// A working problem in shared memory, row-major with an odd leading dimension
+// ld = nc | 1: the transposing writes of the staging loop (stride ld) then hit
+// 32 different banks.
+template <typename T>
+struct TileProblem {
+  const T* tile;
+  int ld;
+  int nr;
+  int nc;
+  UF_HD double at(int i, int j) const { return static_cast<double>(tile[i * ld + j]); }
+};
+
+UF_HD int tile_ld(int64_t C) { return static_cast<int>(C | 1); }
+
+// Shared memory of one warp: [workspace | ArrState | tile], each 16-aligned.
+template <typename scalar_t>
+UF_HD size_t warp_slice_bytes(int64_t R, int64_t C) {
+  using T = typename TileType<scalar_t>::type;
+  return workspace_bytes(R, C) + align16(sizeof(ArrState)) + align16(sizeof(T) * R * tile_ld(C));
+}
+
+// One problem on one warp (the CUDA warp kernel's body, and the CPU
+// simulation's): stage, solve, write.  cost points at problem b ([N, M] with
+// strides sN, sM), out at its N outputs, slice at warp_slice_bytes(R, C) bytes.
+// Staging reads the input in its own memory order -- lane l takes element
+// l, l + 32, ... along the smaller stride -- so each warp load is one or two
+// 128-byte lines, and checks for NaN / -inf on the way (no second pass).
+template <typename scalar_t, typename Lanes>
+UF_HD void solve_warp(Lanes& ln, const scalar_t* cost, int64_t sN, int64_t sM, int N, int M,
+                      const int64_t* num_cols, int64_t b, double sign, bool jv, int64_t* out, void* slice,
+                      int64_t R, int64_t C) {
+  using T = typename TileType<scalar_t>::type;
+  const int lane = ln.lane();
+  const Shape shape = problem_shape(N, M, num_cols, b);
+  if (!shape.valid) {  // warp-uniform
+    WorkspaceT<double> none{};
+    write_result(none, kStatusInvalid, false, N, out, lane, kWarpSize);
+    return;
+  }
+  char* base = static_cast<char*>(slice);
+  Workspace w = carve_workspace(base, R, C);
+  ArrState* st = reinterpret_cast<ArrState*>(base + workspace_bytes(R, C));
+  T* tile = reinterpret_cast<T*>(base + workspace_bytes(R, C) + align16(sizeof(ArrState)));
+  const bool tr = shape.transposed;
+  const int nr = shape.nr, nc = shape.nc, ld = tile_ld(nc);
+  const int64_t cols = tr ? nr : nc;  // active source columns
+  const int64_t count = static_cast<int64_t>(N) * cols;
+  const bool n_fast = sN < sM;  // walk the source along its smaller stride
+  const T s = static_cast<T>(sign);
+  int bad = 0;
+  for (int64_t e = lane; e < count; e += kWarpSize) {
+    const int64_t n = n_fast ? e % N : e / cols;
+    const int64_t m = n_fast ? e / N : e % cols;
+    const T c = s * static_cast<T>(cost[n * sN + m * sM]);
+    bad |= invalid_cost(static_cast<double>(c));
+    tile[tr ? m * ld + n : n * ld + m] = c;
+  }
+  ln.sync();
+  if (ln.any(bad != 0)) {
+    write_result(w, kStatusInvalid, tr, N, out, lane, kWarpSize);
+    return;
+  }
+  const TileProblem<T> p{tile, ld, nr, nc};
+  WarpBlock<Lanes> blk{ln};
+  const int status = solve(p, w, jv, /*check_invalid=*/false, blk, st);
+  write_result(w, status, tr, N, out, lane, kWarpSize);
+}
+
+// ---- One block per problem ---------------------------------------------------
+//
+// The large-problem GPU path: T = 32 * nw threads (nw warps) share one problem.
+// Its Threads type adds block primitives to the warp ones of WarpBlock:
+//   tid(), size()     threadIdx.x, blockDim.x (a multiple of 32);
+//   barrier()         __syncthreads();
+//   barrier_or(p)     __syncthreads_or(p).
+// A reduction is an xor butterfly in each warp, then -- with more than one
+// warp -- lane 0 of each warp writes its warp's result to a slot, one barrier,
+// and every thread merges the nw slots in the same order, so every thread has
+// the result with no broadcast step.  The slots alternate between two buffers:
+// a thread writes buffer A again only two reductions later, after a barrier
+// that every thread passes only once done reading A.  The scan ends with one
+// more barrier, because its tie-break reads state that settle() writes next;
+// so a Dijkstra step costs two barriers in the scan and one after settle(),
+// where the previous version spent three in the scan.
+constexpr int kMaxBlockWarps = 32;
+
+struct BlockScratch {  // __shared__ on CUDA
+  Key key[2][kMaxBlockWarps];
+  TwoMin two[2][kMaxBlockWarps];
+  ArrState arr;
+};
+
+template <typename Threads>
+struct ThreadBlock {
+  Threads& th;
+  BlockScratch* sh;
+  int parity;  // uniform: every thread runs the same sequence of reductions
+
+  template <typename F>
+  UF_HD void all(F f) {
+    f(th.tid(), th.size());
+    th.barrier();
+  }
+  template <typename F>
+  UF_HD void single(F f) {
+    if (th.tid() == 0) f();
+    th.barrier();
+  }
+  template <typename F>
+  UF_HD bool any(F f) {
+    return th.barrier_or(f(th.tid(), th.size()));
+  }
+  template <typename F>
+  UF_HD TwoMin two_min(F f) {
+    TwoMin t = f(th.tid(), th.size());
+    for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+      TwoMin o;
+      o.v1 = th.shfl_xor(t.v1, off);
+      o.j1 = th.shfl_xor(t.j1, off);
+      o.v2 = th.shfl_xor(t.v2, off);
+      o.j2 = th.shfl_xor(t.j2, off);
+      t = two_min_merge(t, o);
+    }
+    const int nw = th.size() / kWarpSize;
+    if (nw == 1) return t;
+    TwoMin* slot = sh->two[parity];
+    parity ^= 1;
+    if (th.lane() == 0) slot[th.tid() / kWarpSize] = t;
+    th.barrier();
+    t = slot[0];
+    for (int q = 1; q < nw; ++q) t = two_min_merge(t, slot[q]);
+    return t;
+  }
+  template <typename P, typename W>
+  UF_HD Key scan(const P& p, W& w, int i, double min_val, int n_rem) {
+    Key k = scan_remaining_strided(p, w, i, min_val, n_rem, th.tid(), th.size());
+    for (int off = kWarpSize / 2; off > 0; off >>= 1) {
+      Key o;
+      o.val = th.shfl_xor(k.val, off);
+      o.j = th.shfl_xor(k.j, off);
+      if (better(w, o, k)) k = o;
+    }
+    const int nw = th.size() / kWarpSize;
+    if (nw > 1) {
+      Key* slot = sh->key[parity];
+      parity ^= 1;
+      if (th.lane() == 0) slot[th.tid() / kWarpSize] = k;
+      th.barrier();
+      k = slot[0];
+      for (int q = 1; q < nw; ++q) {
+        if (better(w, slot[q], k)) k = slot[q];
+      }
+    }
+    // As in WarpBlock::scan: better() reads pos[] / row4col[], which thread 0's
+    // settle() writes next.
+    th.barrier();
+    return k;
+  }
+};
+
+// One problem on one block (the CUDA block kernel's body, and the CPU
+// simulation's): the strided view of the input (no staging: these problems do
+// not fit in shared memory), the NaN / -inf check inside the solver.  ws is
+// workspace_bytes(R, C) bytes (shared or global memory).
+template <typename scalar_t, typename Threads>
+UF_HD void solve_block(Threads& th, BlockScratch* sh, const scalar_t* cost, int64_t sN, int64_t sM, int N, int M,
+                       const int64_t* num_cols, int64_t b, double sign, bool jv, int64_t* out, void* ws, int64_t R,
+                       int64_t C) {
+  const Shape shape = problem_shape(N, M, num_cols, b);
+  if (!shape.valid) {  // uniform over the block
+    WorkspaceT<double> none{};
+    write_result(none, kStatusInvalid, false, N, out, th.tid(), th.size());
+    return;
+  }
+  const bool tr = shape.transposed;
+  const Problem<scalar_t> p{cost, tr ? sM : sN, tr ? sN : sM, shape.nr, shape.nc, sign};
+  Workspace w = carve_workspace(ws, R, C);
+  ThreadBlock<Threads> blk{th, sh, 0};
+  const int status = solve(p, w, jv, /*check_invalid=*/true, blk, &sh->arr);
+  write_result(w, status, tr, N, out, th.tid(), th.size());
+}
 
 }  // inline namespace UF_LSA_ISA
 }  // namespace lsa

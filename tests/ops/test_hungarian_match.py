@@ -376,10 +376,14 @@ def test_public_names():
 
 
 # ------------------------------------------------------------------ the CUDA decomposition, on CPU
-# unit_fast::_hungarian_match_block_sim runs the CUDA kernel's code path -- strided
-# Problem view, in-solver NaN check, T strided workers merged as a block reduction
-# merges them -- sequentially on the CPU, so CPU-only CI executes it.
-SIM_THREADS = [1, 7, 32, 128]
+# unit_fast::_hungarian_match_block_sim runs the CUDA kernel's code paths on the CPU, so
+# CPU-only CI executes them.  threads > 0: the block path -- strided Problem view, in-solver
+# NaN check, T strided workers merged as a block reduction merges them, run one after another.
+# threads a multiple of 32: lsa::solve_block, the block kernel's own body, and threads = -W:
+# lsa::solve_warp, the warp kernel's own body with W warps (problems) per simulated block --
+# each lane a fiber, lanes interleaved in a new order between every two warp primitives or
+# barriers (csrc/ops/cpu/hungarian_match_kernel.cpp, warpsim).
+SIM_THREADS = [1, 7, 32, 128, -1, -3]  # 32, 128: the block path on fibers
 needs_ext = pytest.mark.skipif(not unit_fast._ext.HAS_EXT, reason="unit_fast._C not built (pure-Python install)")
 
 
@@ -435,10 +439,57 @@ def test_block_sim_edge_cases(threads):
 
 @needs_ext
 def test_block_sim_registration():
-    torch.library.opcheck(torch.ops.unit_fast._hungarian_match_block_sim.default,
-                          (torch.rand(2, 4, 6), None, False, False, 32))
-    with pytest.raises(ValueError, match="threads"):
-        block_sim(torch.rand(1, 2, 2), threads=0)
+    for threads in (32, -2):
+        torch.library.opcheck(torch.ops.unit_fast._hungarian_match_block_sim.default,
+                              (torch.rand(2, 4, 6), None, False, False, threads))
+    for threads in (0, -9, 1025):
+        with pytest.raises(ValueError, match="threads"):
+            block_sim(torch.rand(1, 2, 2), threads=threads)
+
+
+@needs_ext
+@pytest.mark.parametrize("warps", [1, 2, 4])
+def test_warp_sim_partial_blocks_and_shapes(warps):
+    """Several problems per simulated block, a last block only partly used, DETR's transposed
+    Q > T shape, a wide one and ragged num_cols: the warp path equals the CPU kernel."""
+    for shape, nc in [((5, 25, 7), None), ((3, 6, 40), None), ((6, 9, 12), [0, 1, 5, 9, 12, 3])]:
+        cost = torch.rand(shape, dtype=torch.float64)
+        ncol = None if nc is None else torch.tensor(nc)
+        for ties in (False, True):
+            want = torch.ops.unit_fast.hungarian_match(cost, ncol, False, ties)
+            assert torch.equal(block_sim(cost, ncol, False, ties, -warps), want)
+
+
+def _fault_inputs():
+    gen = torch.Generator().manual_seed(7)
+    return [torch.rand(4, 12, 9, dtype=torch.float64, generator=gen),
+            torch.randint(0, 3, (4, 10, 10), generator=gen).double(),
+            torch.rand(3, 7, 30, dtype=torch.float64, generator=gen)]
+
+
+@needs_ext
+@pytest.mark.parametrize("threads,fault", [(-2, "drop_syncwarp"), (-2, "partial_mask"), (64, "partial_mask")])
+def test_sim_detects_injected_faults(monkeypatch, threads, fault):
+    """Break-check of the simulation: with every __syncwarp dropped (warp path), or the shuffles'
+    mask narrowed to half the warp (both paths), the interleaved lanes must either trip the
+    simulator's checks or change the result.  Without the fault the same calls are exact."""
+    inputs = _fault_inputs()
+    wants = [torch.ops.unit_fast.hungarian_match(c, None, False, True) for c in inputs]
+    for c, want in zip(inputs, wants):
+        assert torch.equal(block_sim(c, None, False, True, threads), want)
+    monkeypatch.setenv("UNIT_FAST_LSA_SIM_FAULT", fault)
+    caught = 0
+    for c, want in zip(inputs, wants):
+        try:
+            got = block_sim(c, None, False, True, threads)
+        except RuntimeError as e:
+            assert "simulation" in str(e)
+            if fault == "partial_mask":
+                assert "mask" in str(e)
+            caught += 1
+            continue
+        caught += not torch.equal(got, want)
+    assert caught == len(inputs), f"{fault}: only {caught} of {len(inputs)} runs noticed it"
 
 
 @needs_ext
@@ -473,7 +524,7 @@ def test_randomized_against_scipy(seed):
             want = None
         t = torch.from_numpy(c)[None]
         outs = [torch.ops.unit_fast.hungarian_match(t, None, maximize, ties) for ties in (False, True)]
-        outs += [block_sim(t, None, maximize, ties, threads) for ties in (False, True) for threads in (1, 3, 32)]
+        outs += [block_sim(t, None, maximize, ties, threads) for ties in (False, True) for threads in (1, 3, 32, -2)]
         for out in outs:
             out = out[0]
             if want is None:

@@ -17,8 +17,16 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <ucontext.h>
+#define UF_LSA_WARP_SIM 1
+#else
+#define UF_LSA_WARP_SIM 0
+#endif
 
 #include "../hungarian_match.h"
 #include "../hungarian_match_core.h"
@@ -193,8 +201,9 @@ at::Tensor hungarian_match_forward_kernel(const at::Tensor& cost, const c10::opt
   return out;
 }
 
-// _hungarian_match_block_sim: the CUDA kernel's work decomposition run on the
-// CPU -- the strided Problem view of the input (no copy), the in-solver
+// _hungarian_match_block_sim with threads > 0 not a multiple of 32 (a block no
+// kernel launches): the CUDA block path's work decomposition run on the CPU,
+// threads one after another -- the strided Problem view of the input (no copy), the in-solver
 // NaN/-inf check, `threads` strided workers per problem combined exactly as a
 // block reduction combines them.  Test-only: it lets CPU-only CI execute the
 // code path the CUDA kernel runs (everything but warp shuffles and barriers).
@@ -224,16 +233,285 @@ void block_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximi
   }
 }
 
+// ---- The GPU paths, simulated ---------------------------------------------------
+//
+// threads < 0: the warp path, -threads warps (problems) per block; threads a
+// multiple of 32: the block path, one problem per block.  lsa::solve_warp or
+// lsa::solve_block -- the CUDA kernels' bodies, the same source -- runs with
+// each lane a fiber (ucontext).  A lane runs until it reaches a warp primitive
+// (sync, shfl_xor, any), posts it and yields; when every lane of its warp is
+// waiting, the scheduler checks the collective and completes it (shuffles
+// exchange the posted values), and the next round resumes all lanes in a fresh
+// pseudo-random order, interleaving the lanes (and the warps of the simulated
+// block) between primitives.  So shared state is read by the lanes in a
+// different order each round: a missing sync lets some lane read a value before
+// lane 0 has written it, and the results (or the control flow) change.  The
+// scheduler raises when the warp-synchronous rules are broken:
+//   * lanes of a warp wait at different primitives, or with different masks
+//     (divergence);
+//   * a lane executes a collective whose mask leaves it out, or shuffles from a
+//     lane outside the mask;
+//   * some lanes of a warp exit while others wait at a collective.
+//   * (block path) some threads wait at a barrier that others never reach.
+// A barrier completes when all threads of the block wait at it.
+// Fault injection, to show the tests catch such bugs (test-only environment
+// variable, read on every call): UNIT_FAST_LSA_SIM_FAULT=drop_syncwarp makes
+// every __syncwarp a no-op, =partial_mask makes every shuffle use 0x0000ffff.
+// (No fault drops barriers: with the solver state corrupted, a thread can loop
+// forever inside augment() without reaching another primitive, and a fiber
+// scheduler cannot preempt it.)
+#if UF_LSA_WARP_SIM
+namespace warpsim {
+
+enum Op { kRun, kSync, kShfl, kAny, kBar, kBarOr, kDone };  // kBar, kBarOr: block-wide
+
+struct Lane {
+  ucontext_t ctx;
+  int op = kRun;
+  unsigned mask = 0;
+  int src = 0;
+  uint64_t payload = 0;
+  uint64_t result = 0;
+};
+
+struct SimLanes;
+
+struct Sim {
+  int warps = 1;  // threads = 32 * warps
+  bool drop_sync = false;
+  unsigned shfl_mask = lsa::kFullMask;
+  std::vector<Lane> lanes;
+  std::vector<std::vector<char>> stacks;
+  ucontext_t sched;
+  std::string error;
+  std::function<void(int, SimLanes&)> body;  // body(warp, lanes)
+  bool resolve_block();
+  uint64_t rng = 0x9E3779B97F4A7C15ull;
+
+  void set_fault(const char* fault) {
+    const auto is = [fault](const char* name) { return fault && std::strcmp(fault, name) == 0; };
+    drop_sync = is("drop_syncwarp");
+    shfl_mask = is("partial_mask") ? 0x0000ffffu : lsa::kFullMask;
+  }
+  uint64_t next_random() {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+  }
+  void run_block();
+};
+
+// lsa::WarpBlock's Lanes and lsa::ThreadBlock's Threads on a fiber of Sim.
+struct SimLanes {
+  Sim* sim;
+  int g;  // thread of the block
+  int lane() const { return g % lsa::kWarpSize; }
+  int tid() const { return g; }
+  int size() const { return sim->warps * lsa::kWarpSize; }
+  uint64_t post(int op, unsigned mask, int src, uint64_t payload) {
+    Lane& me = sim->lanes[g];
+    me.op = op;
+    me.mask = mask;
+    me.src = src;
+    me.payload = payload;
+    swapcontext(&me.ctx, &sim->sched);
+    return me.result;
+  }
+  void sync() {
+    if (!sim->drop_sync) post(kSync, lsa::kFullMask, lane(), 0);
+  }
+  double shfl_xor(double x, int off) {
+    uint64_t u;
+    std::memcpy(&u, &x, sizeof u);
+    u = post(kShfl, sim->shfl_mask, lane() ^ off, u);
+    double r;
+    std::memcpy(&r, &u, sizeof r);
+    return r;
+  }
+  int shfl_xor(int x, int off) {
+    return static_cast<int>(static_cast<uint32_t>(post(kShfl, sim->shfl_mask, lane() ^ off, static_cast<uint32_t>(x))));
+  }
+  bool any(bool p) { return post(kAny, lsa::kFullMask, lane(), p ? 1 : 0) != 0; }
+  void barrier() { post(kBar, 0, 0, 0); }
+  bool barrier_or(bool p) { return post(kBarOr, 0, 0, p ? 1 : 0) != 0; }
+};
+
+thread_local Sim* tl_sim = nullptr;
+
+void lane_entry(int g) {
+  Sim* sim = tl_sim;
+  SimLanes ln{sim, g};
+  sim->body(g / lsa::kWarpSize, ln);
+  sim->lanes[g].op = kDone;
+  swapcontext(&sim->lanes[g].ctx, &sim->sched);  // never resumed
+}
+
+constexpr size_t kStack = 256 * 1024;
+
+void Sim::run_block() {
+  const int n = warps * lsa::kWarpSize;
+  lanes.assign(n, Lane{});
+  stacks.resize(n);
+  tl_sim = this;
+  for (int g = 0; g < n; ++g) {
+    stacks[g].resize(kStack);
+    getcontext(&lanes[g].ctx);
+    lanes[g].ctx.uc_stack.ss_sp = stacks[g].data();
+    lanes[g].ctx.uc_stack.ss_size = kStack;
+    lanes[g].ctx.uc_link = nullptr;
+    makecontext(&lanes[g].ctx, reinterpret_cast<void (*)()>(lane_entry), 1, g);
+  }
+  std::vector<int> ready(n);
+  for (int g = 0; g < n; ++g) ready[g] = g;
+  while (!ready.empty()) {
+    for (size_t k = ready.size(); k > 1; --k) std::swap(ready[k - 1], ready[next_random() % k]);
+    for (const int g : ready) swapcontext(&sched, &lanes[g].ctx);  // to its next primitive
+    ready.clear();
+    if (resolve_block()) {
+      for (int g = 0; g < n; ++g) ready.push_back(g);
+      continue;
+    }
+    if (!error.empty()) return;
+    int done_all = 0;
+    for (int wp = 0; wp < warps; ++wp) {
+      Lane* L = &lanes[wp * lsa::kWarpSize];
+      int done = 0, at_block = 0;
+      for (int l = 0; l < lsa::kWarpSize; ++l) {
+        done += L[l].op == kDone;
+        at_block += L[l].op == kBar || L[l].op == kBarOr;
+      }
+      done_all += done;
+      if (done == lsa::kWarpSize || at_block > 0) continue;  // finished, or (partly) at a barrier
+      const std::string where = "warp " + std::to_string(wp) + ": ";
+      if (done > 0) {
+        error = where + std::to_string(done) + " lanes exited while the others wait at a warp primitive";
+        return;
+      }
+      for (int l = 0; l < lsa::kWarpSize; ++l) {
+        if (L[l].op != L[0].op || L[l].mask != L[0].mask) {
+          error = where + "lanes 0 and " + std::to_string(l) + " wait at different warp primitives or masks " +
+                  "(divergent warp)";
+          return;
+        }
+        if (!((L[l].mask >> l) & 1u)) {
+          error = where + "lane " + std::to_string(l) + " executes a collective whose mask leaves it out";
+          return;
+        }
+        if (L[l].op == kShfl && !((L[l].mask >> L[l].src) & 1u)) {
+          error = where + "lane " + std::to_string(l) + " shuffles from lane " + std::to_string(L[l].src) +
+                  ", outside the mask";
+          return;
+        }
+      }
+      uint64_t any = 0;
+      for (int l = 0; l < lsa::kWarpSize; ++l) any |= L[l].payload;
+      for (int l = 0; l < lsa::kWarpSize; ++l) {
+        L[l].result = L[0].op == kShfl ? L[L[l].src].payload : (L[0].op == kAny ? (any != 0) : 0);
+        ready.push_back(wp * lsa::kWarpSize + l);
+      }
+    }
+    if (ready.empty() && done_all < n) {
+      error = "deadlock: threads wait at a barrier that the others do not reach (divergent block, or a lane "
+              "at a warp primitive while its warp waits at a barrier)";
+      return;
+    }
+  }
+}
+
+// A barrier completes when every thread of the block waits at it (a thread that
+// has exited counts as missing: on the GPU the others would hang).
+bool Sim::resolve_block() {
+  const int n = warps * lsa::kWarpSize;
+  const int op = lanes[0].op;
+  if (op != kBar && op != kBarOr) return false;
+  uint64_t any = 0;
+  for (int g = 0; g < n; ++g) {
+    if (lanes[g].op != op) return false;
+    any |= lanes[g].payload;
+  }
+  for (int g = 0; g < n; ++g) lanes[g].result = op == kBarOr ? (any != 0) : 0;
+  return true;
+}
+
+}  // namespace warpsim
+
+template <typename scalar_t>
+void warp_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximize, bool scipy_ties, int warps,
+                   int64_t* out) {
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  const int64_t R = std::min(N, M), C = std::max(N, M);
+  const size_t slice = lsa::warp_slice_bytes<scalar_t>(R, C);  // a multiple of 16
+  std::vector<double> smem(slice / sizeof(double) * warps + 2);
+  char* smem_base = reinterpret_cast<char*>(smem.data());
+  warpsim::Sim sim;
+  sim.warps = warps;
+  sim.set_fault(std::getenv("UNIT_FAST_LSA_SIM_FAULT"));
+  const scalar_t* base = cost.data_ptr<scalar_t>();
+  const double sign = maximize ? -1.0 : 1.0;
+  for (int64_t blk = 0; blk * warps < B; ++blk) {
+    sim.body = [&](int wp, warpsim::SimLanes& ln) {
+      const int64_t b = blk * warps + wp;
+      if (b >= B) return;  // the whole warp, as in the kernel
+      lsa::solve_warp<scalar_t>(ln, base + b * cost.stride(0), cost.stride(1), cost.stride(2), static_cast<int>(N),
+                                static_cast<int>(M), num_cols, b, sign, !scipy_ties, out + b * N,
+                                smem_base + wp * slice, R, C);
+    };
+    sim.run_block();
+    TORCH_CHECK(sim.error.empty(), "hungarian_match warp simulation, block ", blk, ": ", sim.error);
+  }
+}
+
+// The block path (threads a multiple of 32): lsa::solve_block -- the CUDA block
+// kernel's body -- on `threads` interleaved fibers, one problem per simulated
+// block, with the same checks (and faults) as the warp path plus barriers.
+template <typename scalar_t>
+void block_fiber_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximize, bool scipy_ties,
+                          int threads, int64_t* out) {
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  const int64_t R = std::min(N, M), C = std::max(N, M);
+  std::vector<double> ws(lsa::workspace_bytes(R, C) / sizeof(double) + 2);
+  lsa::BlockScratch scratch{};
+  warpsim::Sim sim;
+  sim.warps = threads / lsa::kWarpSize;
+  sim.set_fault(std::getenv("UNIT_FAST_LSA_SIM_FAULT"));
+  const scalar_t* base = cost.data_ptr<scalar_t>();
+  const double sign = maximize ? -1.0 : 1.0;
+  for (int64_t b = 0; b < B; ++b) {
+    sim.body = [&](int, warpsim::SimLanes& th) {
+      lsa::solve_block<scalar_t>(th, &scratch, base + b * cost.stride(0), cost.stride(1), cost.stride(2),
+                                 static_cast<int>(N), static_cast<int>(M), num_cols, b, sign, !scipy_ties,
+                                 out + b * N, ws.data(), R, C);
+    };
+    sim.run_block();
+    TORCH_CHECK(sim.error.empty(), "hungarian_match block simulation, problem ", b, ": ", sim.error);
+  }
+}
+#endif  // UF_LSA_WARP_SIM
+
 at::Tensor hungarian_match_block_sim_kernel(const at::Tensor& cost, const c10::optional<at::Tensor>& num_cols,
                                             bool maximize, bool scipy_ties, int64_t threads) {
   check_hungarian_match_args(cost, num_cols);
-  TORCH_CHECK_VALUE(threads >= 1 && threads <= 1024, "threads must be in [1, 1024], got ", threads);
+  TORCH_CHECK_VALUE((threads >= 1 && threads <= 1024) || (threads >= -8 && threads <= -1),
+                    "threads must be in [1, 1024] (block path: threads per block) or [-8, -1] (warp path: "
+                    "-warps per block), got ", threads);
+#if !UF_LSA_WARP_SIM
+  TORCH_CHECK(threads > 0, "the warp-path simulation needs ucontext (Linux)");
+#endif
   at::Tensor out = at::empty({cost.size(0), cost.size(1)}, cost.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   at::Tensor nc = num_cols.has_value() ? num_cols->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cost.scalar_type(), "hungarian_match_block_sim", [&] {
-    block_sim_impl<scalar_t>(cost, nc.defined() ? nc.data_ptr<int64_t>() : nullptr, maximize, scipy_ties,
-                             static_cast<int>(threads), out.data_ptr<int64_t>());
+    const int64_t* ncp = nc.defined() ? nc.data_ptr<int64_t>() : nullptr;
+#if UF_LSA_WARP_SIM
+    if (threads < 0)
+      return warp_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(-threads),
+                                     out.data_ptr<int64_t>());
+    if (threads % lsa::kWarpSize == 0)
+      return block_fiber_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(threads),
+                                            out.data_ptr<int64_t>());
+#endif
+    block_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(threads), out.data_ptr<int64_t>());
   });
   return out;
 }

@@ -1,14 +1,35 @@
-// CUDA kernel of unit_fast::hungarian_match: one thread block per problem.
+// CUDA kernel of unit_fast::hungarian_match: two paths over the one driver of
+// hungarian_match_core.h (read its "One warp per problem" notes first).
 //
-// Decomposition: the block runs hungarian_match_core.h's algorithm with every
-// row/column loop strided across its threads; each Dijkstra step is one
-// strided column scan (coalesced along the cost row when not transposed),
-// a warp-shuffle + shared-memory argmin under the core's tie-break order, and
-// one thread settling the chosen column.  The search stops at the first free
-// column reached (early exit), so most steps on DETR-shaped problems are one
-// scan.  The solver state lives in dynamic shared memory when it fits the
-// device's opt-in limit (up to about 6,500 columns on H100), otherwise in a
-// global workspace with the same layout.
+// Warp path (hungarian_match_warp_kernel), the default whenever one warp's
+// slice -- the staged cost tile plus the solver state -- fits in shared memory
+// (DETR's 100 x 20 and 100 x 50, RT-DETR's 300 x 100 on H100):
+//   * one warp per problem, W warps (problems) per block; a warp past the end
+//     of the batch returns as a whole, and no block barrier is ever executed, so
+//     warps of a block never wait for one another;
+//   * the warp copies its (transposed) problem into shared memory with
+//     coalesced reads along the input's smaller stride, checking NaN / -inf on
+//     the way; every later read of the cost is a shared-memory read, where the
+//     old block path re-read a transposed problem from global memory with
+//     column stride M (32 sectors per warp load) on every scan;
+//   * each Dijkstra step scans only the still-unsettled columns (rem[], lane l
+//     takes entries l, l + 32, ...), merges with a 5-step xor butterfly
+//     (every lane gets the result; no shared-memory broadcast, no barrier), and
+//     lane 0 settles the column, followed by one __syncwarp;
+//   * W = clamp(ceil(B / SMs), 1, 4), limited by shared memory: problems are
+//     spread over SMs first (a lone warp per SM has the whole SM's bandwidth to
+//     itself) and packed 2-4 per block once the batch exceeds the SM count.
+//
+// Block path (hungarian_match_forward_kernel_impl, lsa::solve_block), for
+// problems whose tile does not fit (DINO's 900 x 100, 1000 x 1000): one block
+// of 32-256 threads per problem, every row/column loop strided across the
+// block, scans over the unsettled columns only, reductions as a butterfly per
+// warp plus one barrier across warps (lsa::ThreadBlock); the solver state lives in
+// dynamic shared memory when it fits the device's opt-in limit, otherwise in a
+// global workspace with the same layout.  This is how several warps share one
+// large problem.  Not done yet (issue 18): several *blocks* on one problem
+// (a thread-block cluster with distributed shared memory on sm_90, HyLAC's
+// fine-grained solver), which 8 x 1000 x 1000 needs to use more than 8 SMs.
 //
 // No host synchronisation: errors are written into the output as codes
 // (kInvalid, kInfeasible) instead of being raised.
@@ -27,108 +48,43 @@ namespace unit_fast {
 namespace ops {
 namespace {
 
-constexpr int kMaxWarps = 8;
-
-__device__ __forceinline__ lsa::Key shfl_key(lsa::Key k, int offset) {
-  lsa::Key o;
-  o.val = __shfl_down_sync(0xffffffffu, k.val, offset);
-  o.j = __shfl_down_sync(0xffffffffu, k.j, offset);
-  return o;
-}
-
-// Block-wide reduction under a strict order `first` (a beats b).  The result
-// is valid in thread 0 only.  Ends with no pending shared-memory hazards for
-// `red` beyond the caller's next __syncthreads.
-template <typename Less>
-__device__ lsa::Key block_reduce(lsa::Key k, lsa::Key* red, Less first) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int off = 16; off > 0; off >>= 1) {
-    const lsa::Key o = shfl_key(k, off);
-    if (first(o, k)) k = o;
+// The warp primitives of lsa::WarpBlock, every one over the full warp.
+struct CudaLanes {
+  __device__ __forceinline__ int lane() const { return static_cast<int>(threadIdx.x & 31); }
+  __device__ __forceinline__ void sync() const { __syncwarp(lsa::kFullMask); }
+  __device__ __forceinline__ double shfl_xor(double x, int off) const {
+    return __shfl_xor_sync(lsa::kFullMask, x, off);
   }
-  if (blockDim.x <= 32) return k;
-  if (lane == 0) red[warp] = k;
-  __syncthreads();
-  if (warp == 0) {
-    const int n_warps = blockDim.x >> 5;
-    k = lane < n_warps ? red[lane] : lsa::Key{INFINITY, -1};
-    for (int off = 16; off > 0; off >>= 1) {
-      const lsa::Key o = shfl_key(k, off);
-      if (first(o, k)) k = o;
-    }
-  }
-  return k;
-}
-
-__device__ __forceinline__ lsa::TwoMin shfl_two_min(const lsa::TwoMin& t, int offset) {
-  lsa::TwoMin o;
-  o.v1 = __shfl_down_sync(0xffffffffu, t.v1, offset);
-  o.j1 = __shfl_down_sync(0xffffffffu, t.j1, offset);
-  o.v2 = __shfl_down_sync(0xffffffffu, t.v2, offset);
-  o.j2 = __shfl_down_sync(0xffffffffu, t.j2, offset);
-  return o;
-}
-
-// Block-wide two-smallest reduction (two_min_merge is order independent); the
-// result is valid in thread 0 only.
-__device__ lsa::TwoMin block_two_min(lsa::TwoMin t, lsa::TwoMin* red) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int off = 16; off > 0; off >>= 1) t = lsa::two_min_merge(t, shfl_two_min(t, off));
-  if (blockDim.x <= 32) return t;
-  if (lane == 0) red[warp] = t;
-  __syncthreads();
-  if (warp == 0) {
-    t = lane < static_cast<int>(blockDim.x >> 5) ? red[lane] : lsa::two_min_empty();
-    for (int off = 16; off > 0; off >>= 1) t = lsa::two_min_merge(t, shfl_two_min(t, off));
-  }
-  return t;
-}
-
-// The execution policy of hungarian_match_core.h's driver for one thread block.
-// Every reduction result is broadcast through shared memory and followed by a
-// barrier, so the next reduction cannot overwrite it before all threads read it.
-struct CudaBlock {
-  lsa::Key* red;
-  lsa::TwoMin* red2;
-  lsa::Key* key_out;
-  lsa::TwoMin* two_out;
-
-  template <typename F>
-  __device__ void all(F f) {
-    f(static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
-    __syncthreads();
-  }
-  template <typename F>
-  __device__ void single(F f) {
-    if (threadIdx.x == 0) f();
-    __syncthreads();
-  }
-  template <typename F>
-  __device__ bool any(F f) {
-    return __syncthreads_or(f(static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)) ? 1 : 0) != 0;
-  }
-  template <typename F>
-  __device__ lsa::TwoMin two_min(F f) {
-    const lsa::TwoMin m = block_two_min(f(static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)), red2);
-    if (threadIdx.x == 0) *two_out = m;
-    __syncthreads();
-    const lsa::TwoMin r = *two_out;
-    __syncthreads();
-    return r;
-  }
-  template <typename P>
-  __device__ lsa::Key scan(const P& p, lsa::Workspace& w, int i, double min_val, int /*n_rem*/) {
-    // Natural column order across threads: coalesced loads of the cost row.
-    const lsa::Key local = lsa::scan(p, w, i, min_val, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
-    const lsa::Key k = block_reduce(local, red, [&w](lsa::Key a, lsa::Key b) { return lsa::better(w, a, b); });
-    if (threadIdx.x == 0) *key_out = k;
-    __syncthreads();
-    const lsa::Key r = *key_out;
-    __syncthreads();
-    return r;
-  }
+  __device__ __forceinline__ int shfl_xor(int x, int off) const { return __shfl_xor_sync(lsa::kFullMask, x, off); }
+  __device__ __forceinline__ bool any(bool p) const { return __any_sync(lsa::kFullMask, p ? 1 : 0) != 0; }
 };
 
+// The block primitives of lsa::ThreadBlock (blockDim.x a multiple of 32).
+struct CudaThreads : CudaLanes {
+  __device__ __forceinline__ int tid() const { return static_cast<int>(threadIdx.x); }
+  __device__ __forceinline__ int size() const { return static_cast<int>(blockDim.x); }
+  __device__ __forceinline__ void barrier() const { __syncthreads(); }
+  __device__ __forceinline__ bool barrier_or(bool p) const { return __syncthreads_or(p ? 1 : 0) != 0; }
+};
+
+// One warp per problem: warp w of block k solves problem k * W + w in its own
+// slice of dynamic shared memory (lsa::warp_slice_bytes).  No __syncthreads.
+template <typename scalar_t>
+__global__ void hungarian_match_warp_kernel(const scalar_t* __restrict__ cost, int64_t sB, int64_t sN, int64_t sM,
+                                            int N, int M, const int64_t* __restrict__ num_cols, int64_t B,
+                                            double sign, bool jv_start, int64_t* __restrict__ out, int R, int C,
+                                            size_t slice_bytes) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp;
+  if (b >= B) return;  // the whole warp: nothing in this block waits for it
+  CudaLanes ln;
+  lsa::solve_warp<scalar_t>(ln, cost + b * sB, sN, sM, N, M, num_cols, b, sign, jv_start, out + b * N,
+                            smem + warp * slice_bytes, R, C);
+}
+
+// One block per problem (lsa::solve_block); the solver state in dynamic shared
+// memory (kSharedWs) or in this problem's slice of the global workspace gws.
 template <typename scalar_t, bool kSharedWs>
 __global__ void hungarian_match_forward_kernel_impl(const scalar_t* __restrict__ cost, int64_t sB, int64_t sN,
                                                     int64_t sM, int N, int M,
@@ -136,27 +92,11 @@ __global__ void hungarian_match_forward_kernel_impl(const scalar_t* __restrict__
                                                     bool jv_start, int64_t* __restrict__ out,
                                                     unsigned char* gws, size_t ws_stride, int R, int C) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ lsa::Key red[kMaxWarps];
-  __shared__ lsa::TwoMin red2[kMaxWarps];
-  __shared__ lsa::Key key_out;
-  __shared__ lsa::TwoMin two_out;
-  __shared__ lsa::ArrState arr;
-
-  const int b = blockIdx.x, tid = threadIdx.x, T = blockDim.x;
-  int64_t* o = out + static_cast<int64_t>(b) * N;
-  const lsa::Shape shape = lsa::problem_shape(N, M, num_cols, b);
-  if (!shape.valid) {  // uniform over the block
-    lsa::Workspace none{};
-    lsa::write_result(none, lsa::kStatusInvalid, false, N, o, tid, T);
-    return;
-  }
-  const bool transposed = shape.transposed;
-  const lsa::Problem<scalar_t> p{cost + b * sB, transposed ? sM : sN, transposed ? sN : sM, shape.nr, shape.nc,
-                                 sign};
-  lsa::Workspace w = lsa::carve_workspace(kSharedWs ? smem : gws + b * ws_stride, R, C);
-  CudaBlock blk{red, red2, &key_out, &two_out};
-  const int status = lsa::solve(p, w, jv_start, /*check_invalid=*/true, blk, &arr);
-  lsa::write_result(w, status, transposed, N, o, tid, T);
+  __shared__ lsa::BlockScratch scratch;
+  const int64_t b = blockIdx.x;
+  CudaThreads th;
+  lsa::solve_block<scalar_t>(th, &scratch, cost + b * sB, sN, sM, N, M, num_cols, b, sign, jv_start, out + b * N,
+                             kSharedWs ? static_cast<void*>(smem) : static_cast<void*>(gws + b * ws_stride), R, C);
 }
 
 int threads_for(int64_t C) { return C <= 128 ? 32 : (C <= 1024 ? 128 : 256); }
@@ -167,15 +107,37 @@ void launch(const at::Tensor& cost, const int64_t* num_cols, bool maximize, bool
   const int64_t R = std::min(N, M), C = std::max(N, M);
   const size_t bytes = lsa::workspace_bytes(R, C);
   const int threads = threads_for(C);
-  static_assert(256 / 32 <= kMaxWarps, "block_reduce needs one slot per warp");
+  static_assert(256 / 32 <= lsa::kMaxBlockWarps, "ThreadBlock needs one slot per warp");
 
   const int dev = cost.get_device();
   int max_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  // Leave room for the kernel's static shared memory (reduction slots, scalars).
-  const bool shared_ws = bytes + 1024 <= static_cast<size_t>(max_optin);
+  // Leave room for the block kernel's static shared memory (lsa::BlockScratch).
+  const bool shared_ws = bytes + sizeof(lsa::BlockScratch) + 256 <= static_cast<size_t>(max_optin);
   const double sign = maximize ? -1.0 : 1.0;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // Warp path when at least one warp's slice fits (see the file comment).
+  const size_t slice = lsa::warp_slice_bytes<scalar_t>(R, C);
+  const int64_t budget = static_cast<int64_t>(max_optin) - 1024;
+  if (static_cast<int64_t>(slice) <= budget) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    int64_t warps = std::min<int64_t>({4, std::max<int64_t>(1, (B + sms - 1) / sms),
+                                       budget / static_cast<int64_t>(slice)});
+    const size_t smem = slice * static_cast<size_t>(warps);
+    auto kernel = hungarian_match_warp_kernel<scalar_t>;
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    }
+    const int64_t blocks = (B + warps - 1) / warps;
+    kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(32 * warps), smem, stream>>>(
+        cost.data_ptr<scalar_t>(), cost.stride(0), cost.stride(1), cost.stride(2), static_cast<int>(N),
+        static_cast<int>(M), num_cols, B, sign, !scipy_ties, out.data_ptr<int64_t>(), static_cast<int>(R),
+        static_cast<int>(C), slice);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   if (shared_ws) {
     auto kernel = hungarian_match_forward_kernel_impl<scalar_t, true>;
     if (bytes > 48 * 1024) {
