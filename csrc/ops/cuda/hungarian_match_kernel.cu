@@ -1,9 +1,11 @@
 // CUDA kernel of unit_fast::hungarian_match: two paths over the one driver of
 // hungarian_match_core.h (read its "One warp per problem" notes first).
 //
-// Warp path (hungarian_match_warp_kernel), the default whenever one warp's
-// slice -- the staged cost tile plus the solver state -- fits in shared memory
-// (DETR's 100 x 20 and 100 x 50, RT-DETR's 300 x 100 on H100):
+// Warp path (hungarian_match_warp_kernel), the default while 16 warps' slices
+// -- each the staged cost tile plus the solver state -- fit in one SM's shared
+// memory, so at least 25% of the SM's warps can be resident (DETR's 100 x 20,
+// 11.7 KB a warp; not DETR-dense 100 x 50 at 24 KB or RT-DETR's 300 x 100 at
+// 131 KB, which take the block path):
 //   * one warp per problem, W warps (problems) per block; a warp past the end
 //     of the batch returns as a whole, and no block barrier is ever executed, so
 //     warps of a block never wait for one another;
@@ -21,7 +23,7 @@
 //     itself) and packed 2-4 per block once the batch exceeds the SM count.
 //
 // Block path (hungarian_match_forward_kernel_impl, lsa::solve_block), for
-// problems whose tile does not fit (DINO's 900 x 100, 1000 x 1000): one block
+// the rest (RT-DETR's 300 x 100, DINO's 900 x 100, 1000 x 1000): one block
 // of 32-256 threads per problem, every row/column loop strided across the
 // block, scans over the unsettled columns only, reductions as a butterfly per
 // warp plus one barrier across warps (lsa::ThreadBlock); the solver state lives in
@@ -117,10 +119,14 @@ void launch(const at::Tensor& cost, const int64_t* num_cols, bool maximize, bool
   const double sign = maximize ? -1.0 : 1.0;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  // Warp path when at least one warp's slice fits (see the file comment).
+  // Warp path while 16 warps' slices fit in one SM's shared memory (see the file comment): 25%
+  // warp occupancy, the floor benchmarks/kernel_report checks.  A slice that merely fits once
+  // would leave one warp on an SM (RT-DETR's 300 x 100: a 131 KB slice, 1.6% of the warps); the
+  // block path (global reads, threads_for(C) threads) keeps 6 such problems resident there.
+  constexpr int64_t kWarpPathMinWarps = 16;
   const size_t slice = lsa::warp_slice_bytes<scalar_t>(R, C);
   const int64_t budget = static_cast<int64_t>(max_optin) - 1024;
-  if (static_cast<int64_t>(slice) <= budget) {
+  if (static_cast<int64_t>(slice) * kWarpPathMinWarps <= budget) {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     int64_t warps = std::min<int64_t>({4, std::max<int64_t>(1, (B + sms - 1) / sms),
