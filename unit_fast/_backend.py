@@ -20,6 +20,9 @@ import torch
 from unit_fast import _ext
 
 BACKENDS = ("cpp", "triton", "torch", "reference")
+# Looked up once, at import: under torch.compile a per-call importlib.util.find_spec is a graph
+# break in torch 2.11's Dynamo (it skips importlib), which fails fullgraph=True.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Which backends each op implements, per device type.
 OP_BACKENDS = {
@@ -48,7 +51,7 @@ def _missing_reason(backend: str, device_type: str):
             return "unit_fast._C was built without CUDA kernels (rebuild with FORCE_CUDA=1 and nvcc)"
         return None
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not HAS_TRITON:
             return "triton is not installed"
         if device_type == "cpu" and not triton_on_cpu():
             return "Triton runs on CPU only through the interpreter (TRITON_INTERPRET=1)"
