@@ -124,18 +124,16 @@ def _valid_keys(kpm_base, offs_n, kv_end, HAS_KPM: tl.constexpr, EVEN_N: tl.cons
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, offs_m, m_in, start_n, kv_end, k_base, v_base, bias_base, kpm_base,
-               stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l, stride_bias_s,
-               D, DV, qk_scale, dropout_p, seed, bh,
-               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
-               EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """One key block of the forward's online softmax; ``EVEN_N``: a full block below ``kv_end``."""
+def _key_block_masks(kpm_base, start_n, kv_end, m_in, D, DV, HAS_KPM: tl.constexpr, EVEN_N: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Offsets and load masks of the key block at ``start_n`` (forward and dQ): ``(offs_n,
+    offs_d, offs_dv, valid_n, k_mask, v_mask, bias_mask)``; a full block (``EVEN_N``) without a
+    padding mask gets no key mask at all."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    MASK_N: tl.constexpr = HAS_KPM or not EVEN_N
     valid_n = _valid_keys(kpm_base, offs_n, kv_end, HAS_KPM, EVEN_N)
-    if MASK_N:
+    if HAS_KPM or not EVEN_N:
         k_mask = valid_n[:, None] & (offs_d[None, :] < D)
         v_mask = valid_n[:, None] & (offs_dv[None, :] < DV)
         bias_mask = m_in[:, None] & valid_n[None, :]
@@ -143,6 +141,19 @@ def _fwd_block(acc, l_i, m_i, q, offs_m, m_in, start_n, kv_end, k_base, v_base, 
         k_mask = offs_d[None, :] < D
         v_mask = offs_dv[None, :] < DV
         bias_mask = m_in[:, None]
+    return offs_n, offs_d, offs_dv, valid_n, k_mask, v_mask, bias_mask
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, offs_m, m_in, start_n, kv_end, k_base, v_base, bias_base, kpm_base,
+               stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l, stride_bias_s,
+               D, DV, qk_scale, dropout_p, seed, bh,
+               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
+               EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One key block of the forward's online softmax; ``EVEN_N``: a full block below ``kv_end``."""
+    offs_n, offs_d, offs_dv, valid_n, k_mask, v_mask, bias_mask = _key_block_masks(
+        kpm_base, start_n, kv_end, m_in, D, DV, HAS_KPM, EVEN_N, BLOCK_N, BLOCK_D, BLOCK_DV)
+    MASK_N: tl.constexpr = HAS_KPM or not EVEN_N
     k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d, mask=k_mask, other=0.0)
     bias_ptrs = bias_base + offs_m[:, None] * stride_bias_l + offs_n[None, :] * stride_bias_s
     s = _scores(q, k, bias_ptrs, bias_mask, valid_n, qk_scale, HAS_BIAS, MASK_N, DOT)
@@ -383,19 +394,9 @@ def _dq_block(dq, q, do, lse2, delta, offs_m, m_in, start_n, kv_end, k_base, v_b
               HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
               EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One key block of the dQ accumulation; ``EVEN_N``: a full block below ``kv_end``."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n, offs_d, offs_dv, valid_n, k_mask, v_mask, bias_mask = _key_block_masks(
+        kpm_base, start_n, kv_end, m_in, D, DV, HAS_KPM, EVEN_N, BLOCK_N, BLOCK_D, BLOCK_DV)
     MASK_N: tl.constexpr = HAS_KPM or not EVEN_N
-    valid_n = _valid_keys(kpm_base, offs_n, kv_end, HAS_KPM, EVEN_N)
-    if MASK_N:
-        k_mask = valid_n[:, None] & (offs_d[None, :] < D)
-        v_mask = valid_n[:, None] & (offs_dv[None, :] < DV)
-        bias_mask = m_in[:, None] & valid_n[None, :]
-    else:
-        k_mask = offs_d[None, :] < D
-        v_mask = offs_dv[None, :] < DV
-        bias_mask = m_in[:, None]
     k = tl.load(k_base + offs_n[:, None] * stride_k_s + offs_d[None, :] * stride_k_d, mask=k_mask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * stride_v_s + offs_dv[None, :] * stride_v_d, mask=v_mask, other=0.0)
     bias_ptrs = bias_base + offs_m[:, None] * stride_bias_l + offs_n[None, :] * stride_bias_s
