@@ -10,6 +10,7 @@ hand-matched channel plan), without ``pred_corners`` so loss_local (not patched)
 whole D-FINE / DEIMv2 models are in test_transformers_whole_models.py.
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -83,17 +84,22 @@ def _rt_detr(focal=True):
     return RTDetrForObjectDetection(cfg).train()
 
 
-def _model_run(model, sizes, steps=1):
+def _model_run(model, sizes, steps=1, labels=None, around=contextlib.nullcontext):
+    """``run(dtype, patched)`` for ``_check``: ``steps`` SGD steps of ``model`` (a copy in
+    ``dtype``) on random 64 x 64 images; ``labels(dtype)`` (default: ``_targets(sizes, 5)``),
+    each forward inside ``around(dtype)``."""
     pixels = torch.randn(len(sizes), 3, 64, 64, generator=torch.Generator().manual_seed(1))
     targets = _targets(sizes, 5)
+    labels = labels or (lambda dtype: _cast(targets, dtype))
 
     def run(dtype, patched):
         m = copy.deepcopy(model).to(dtype)
         opt = torch.optim.SGD(m.parameters(), lr=1e-2)
         res = {}
         for step in range(steps):
-            torch.manual_seed(10 + step)  # the denoising queries are random
-            out = m(pixel_values=pixels.to(dtype), labels=_cast(targets, dtype))
+            torch.manual_seed(10 + step)  # the denoising queries (and mask points) are random
+            with around(dtype):
+                out = m(pixel_values=pixels.to(dtype), labels=labels(dtype))
             opt.zero_grad()
             out.loss.backward()
             res.update({f"{k}@{step}": v.detach() for k, v in out.loss_dict.items()})

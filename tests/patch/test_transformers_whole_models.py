@@ -19,7 +19,6 @@ casts the points to the masks' dtype (exact: the same points).  The fp32 runs us
 """
 
 import contextlib
-import copy
 
 import pytest
 import torch
@@ -37,7 +36,7 @@ from transformers import (
 )
 from transformers.loss import loss_d_fine, loss_lw_detr, loss_rf_detr, loss_rt_detr
 
-from tests.patch.test_transformers_rt_detr import _targets
+from tests.patch.test_transformers_rt_detr import _model_run, _targets
 from unit_fast.patch.transformers import patch_transformers
 from unit_fast.testing import assert_within_ref_error
 
@@ -127,25 +126,10 @@ def _labels(sizes, dtype, masks):
 
 
 def _run_model(model, sizes, steps=2, masks=False):
-    """``_model_run`` of test_transformers_rt_detr.py, with masks in the labels when asked."""
-    pixels = torch.randn(len(sizes), 3, 64, 64, generator=torch.Generator().manual_seed(1))
-
-    def run(dtype, patched):
-        m = copy.deepcopy(model).to(dtype)
-        opt = torch.optim.SGD(m.parameters(), lr=1e-2)
-        res = {}
-        for step in range(steps):
-            torch.manual_seed(10 + step)  # denoising queries / mask points are random
-            with _fp64_shims(dtype):
-                out = m(pixel_values=pixels.to(dtype), labels=_labels(sizes, dtype, masks))
-            opt.zero_grad()
-            out.loss.backward()
-            res.update({f"{k}@{step}": v.detach() for k, v in out.loss_dict.items()})
-            res[f"grad@{step}"] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
-            opt.step()
-        return res
-
-    return run
+    """``_model_run`` of test_transformers_rt_detr.py, with masks in the labels when asked and
+    the fp64 shims around each forward."""
+    return _model_run(model, sizes, steps, labels=lambda dtype: _labels(sizes, dtype, masks),
+                      around=_fp64_shims)
 
 
 def _check_active(run, msg, scipy_modules, patched_wheres):
