@@ -132,15 +132,8 @@ def test_image_with_images_is_refused(run, capsys):
 
 
 
-class Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').close()",)
-
-
 def test_from_checkpoint_refuses_a_payload_unless_trusted(run, tmp_path):
+    from tests.test_checkpoint_trust import Payload
     from unit_fast import checkpoint_io
 
     state = torch.load(run.ckpt, weights_only=True)
