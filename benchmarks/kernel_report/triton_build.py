@@ -34,6 +34,7 @@ ARCH = 90
 FLOAT_ARGS = {"qk_scale", "scale", "dropout_p", "cost_class", "cost_bbox", "cost_giou"}
 I64_ARGS = {"seed"}
 DROPOUT = True  # UniT trains with dropout 0.1 (configs/defaults.yaml): the key the autotuner tunes
+SMS = 132  # the report's GPU, an H100 SXM: the SM count the attention launcher's key_splits sees
 
 
 def constexpr_names(kernel):
@@ -65,7 +66,7 @@ def _case(name, kernel, dtype, constexprs, options, setting, role=None, ptr_type
 
 
 def attention_settings(full):
-    """``(setting, H, L, S, head dim, HAS_KPM, HAS_DROPOUT)``: UniT's attention calls
+    """``(setting, B, H, L, S, head dim, HAS_KPM, HAS_DROPOUT)``: UniT's attention calls
     (``benchmarks/shapes.py``; bf16 autocast), each an autotuning key.  The default covers the
     DC5 image encoder and the decoder's cross-attention; ``--all`` adds BERT, the decoder's
     self-attention (100 queries, no padding mask) and eval (no dropout)."""
@@ -73,7 +74,7 @@ def attention_settings(full):
 
     def shape(name, kpm=True, dropout=DROPOUT, label=None, L=None, S=None):
         s = ATTENTION_SHAPES[name]
-        return (label or name, s.H, L or s.L, S or s.S, s.E // s.H, kpm, dropout)
+        return (label or name, s.B, s.H, L or s.L, S or s.S, s.E // s.H, kpm, dropout)
 
     out = [shape("unit_encoder_dc5"), shape("unit_decoder_cross")]
     if full:
@@ -87,31 +88,46 @@ def attention_settings(full):
 
 def attention_cases(full):
     """Every config of ``_configs`` that survives ``_prune`` at each setting: those are the
-    configs the autotuner can pick (its key holds no sequence length)."""
+    configs the autotuner can pick (its key holds no sequence length).  The forward and dQ
+    kernels at the split count the launcher picks there on an H100 (``key_splits``: the
+    decoder's cross-attention splits its keys), and then the split's combine and dQ reduce
+    kernels at their launchers' fixed tiles."""
     from unit_fast.ops.attention import triton as T
 
     kernels = {"attention_fwd": "fwd", "attention_bwd_dkdv": "dkdv", "attention_bwd_dq": "dq"}
     bucket = getattr(T, "seq_bucket", lambda n: n)
     ptr_types = {"LSE_ptr": "*fp32", "Delta_ptr": "*fp32", "Bias_ptr": "*fp32", "KPM_ptr": "*u8",
-                 "KVEnd_ptr": "*i32", "Mask_ptr": "*i8"}
-    for setting, H, L, S, head_dim, kpm, dropout in attention_settings(full):
+                 "KVEnd_ptr": "*i32", "Mask_ptr": "*i8", "PartO_ptr": "*fp32", "PartLSE_ptr": "*fp32",
+                 "PartDQ_ptr": "*fp32"}
+    for setting, B, H, L, S, head_dim, kpm, dropout in attention_settings(full):
         block_d = max(16, triton.next_power_of_2(head_dim))
+        n_split = T.key_splits(L, S, B, H, SMS)
         flags = dict(HAS_BIAS=False, HAS_KPM=kpm, HAS_DROPOUT=dropout, DOT=T.DOT_NATIVE)
-        named = dict(D=head_dim, DV=head_dim, H=H, L=L, S=S, bucket_l=bucket(L), bucket_s=bucket(S), **flags)
+        named = dict(D=head_dim, DV=head_dim, H=H, L=L, S=S, bucket_l=bucket(L), bucket_s=bucket(S),
+                     n_split=n_split, SPLIT=n_split > 1, **flags)
         for name, short in kernels.items():
             # The launcher's own autotuner: its config list and its prune (with whatever options
             # the module binds), called as Triton calls it, on the launch's named arguments.
             tuner = T._launcher(short)
             kernel = tuner.fn
             args = {k: v for k, v in named.items() if k in kernel.arg_names}
+            kernel_flags = {k: v for k, v in args.items() if k in flags or k == "SPLIT"}
             prune = tuner.early_config_prune
             for c in (prune(tuner.configs, args) if prune else tuner.configs):
-                constexprs = dict(flags, BLOCK_D=block_d, BLOCK_DV=block_d, **c.kwargs)
+                constexprs = dict(kernel_flags, BLOCK_D=block_d, BLOCK_DV=block_d, **c.kwargs)
                 options = dict(num_warps=c.num_warps, num_stages=c.num_stages)
                 if getattr(c, "maxnreg", None):
                     options["maxnreg"] = c.maxnreg
                 role = "attention_fwd" if name == "attention_fwd" else "attention_bwd"
                 yield _case(name, kernel, "bf16", constexprs, options, setting, role, ptr_types, tuned=True)
+        if n_split > 1:
+            block_m = T._row_block(block_d)
+            yield _case("attention_fwd_combine", T._attention_fwd_combine_kernel, "bf16",
+                        dict(BLOCK_M=block_m, BLOCK_DV=block_d), dict(num_warps=4), setting, "attention_fwd",
+                        ptr_types)
+            yield _case("attention_bwd_dq_reduce", T._attention_bwd_dq_reduce_kernel, "bf16",
+                        dict(BLOCK_M=block_m, BLOCK_D=block_d), dict(num_warps=4), setting, "attention_bwd",
+                        ptr_types)
 
 
 def other_cases():

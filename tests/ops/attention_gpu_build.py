@@ -21,9 +21,12 @@ from unit_fast.ops.attention import triton as T  # noqa: E402
 
 KERNELS = {"fwd": T._attention_fwd_kernel, "dkdv": T._attention_bwd_dkdv_kernel,
            "dq": T._attention_bwd_dq_kernel, "dropout_mask": T._attention_dropout_mask_kernel,
-           "delta": T._attention_bwd_delta_kernel}
+           "delta": T._attention_bwd_delta_kernel, "combine": T._attention_fwd_combine_kernel,
+           "dq_reduce": T._attention_bwd_dq_reduce_kernel}
 POINTER_TYPES = {"LSE_ptr": "*fp32", "Delta_ptr": "*fp32", "Bias_ptr": "*fp32", "KPM_ptr": "*u8",
-                 "KVEnd_ptr": "*i32", "Mask_ptr": "*i8"}
+                 "KVEnd_ptr": "*i32", "Mask_ptr": "*i8", "PartO_ptr": "*fp32", "PartLSE_ptr": "*fp32",
+                 "PartDQ_ptr": "*fp32"}
+SPLIT_KERNELS = ("fwd", "dq")  # the kernels with a SPLIT (key-range grid axis) variant
 
 
 def signature(kernel, dtype, constexprs):
@@ -45,8 +48,10 @@ def signature(kernel, dtype, constexprs):
 def cases():
     """(name, arch, kernel, dtype, constexprs, options): every kernel with every option on, for
     each dtype (one head dim each, all four covered) on Hopper, at the autotuner's smallest
-    tiles; plus the largest tiles in bf16 (the training dtype), and the delta pre-kernel.  ptxas
-    takes seconds per kernel, so this is a sample, not the autotuner's whole space."""
+    tiles; plus the largest tiles in bf16 (the training dtype), the delta pre-kernel, the
+    key-split variants of the forward and dQ kernels at the decoder's head dim 96 (which is where
+    the launcher splits) with their combine / reduce kernels.  ptxas takes seconds per kernel, so
+    this is a sample, not the autotuner's whole space."""
     plan = [("bf16", 32, "small"), ("fp16", 64, "small"), ("bf16", 96, "small"), ("fp32", 128, "small"),
             ("bf16", 64, "large")]
     for dtype, head_dim, size in plan:
@@ -59,11 +64,21 @@ def cases():
             constexprs = dict(HAS_BIAS=True, HAS_KPM=True, HAS_DROPOUT=True,
                               DOT=T.DOT_IEEE if dtype == "fp32" else T.DOT_NATIVE,
                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_d)
+            if name in SPLIT_KERNELS:
+                constexprs["SPLIT"] = False
             yield (f"sm90-{name}-{dtype}-d{head_dim}-{bm}x{bn}", 90, KERNELS[name], dtype, constexprs,
                    dict(num_warps=warps, num_stages=2))
+            if name in SPLIT_KERNELS and (dtype, head_dim) == ("bf16", 96):
+                yield (f"sm90-{name}-{dtype}-d{head_dim}-{bm}x{bn}-split", 90, KERNELS[name], dtype,
+                       dict(constexprs, SPLIT=True), dict(num_warps=warps, num_stages=2))
     yield ("sm90-dropout_mask", 90, KERNELS["dropout_mask"], "i8", dict(BLOCK_M=16, BLOCK_N=16), {})
     for dtype in ("bf16", "fp16", "fp32"):  # the delta pre-kernel at Dv = 128 (its launcher's tile)
         yield (f"sm90-delta-{dtype}", 90, KERNELS["delta"], dtype, dict(BLOCK_M=32, BLOCK_DV=128),
+               dict(num_warps=4))
+    for dtype in ("bf16", "fp32"):  # the split merges at head dim 96 -> 128 (their launcher's tile)
+        yield (f"sm90-combine-{dtype}", 90, KERNELS["combine"], dtype, dict(BLOCK_M=32, BLOCK_DV=128),
+               dict(num_warps=4))
+        yield (f"sm90-dq_reduce-{dtype}", 90, KERNELS["dq_reduce"], dtype, dict(BLOCK_M=32, BLOCK_D=128),
                dict(num_warps=4))
 
 
@@ -81,12 +96,14 @@ def specialized(kernel, dtype, constexprs):
 
 def pipelined_cases():
     """The forward and dQ kernels as launched (``specialized``) in bf16: their full-block key loop
-    has no data-dependent branch, so K/V loads become ``cp.async`` copies across stages."""
-    for name in ("fwd", "dq"):
-        constexprs = dict(HAS_BIAS=False, HAS_KPM=True, HAS_DROPOUT=True, DOT=T.DOT_NATIVE, BLOCK_M=128,
-                          BLOCK_N=64, BLOCK_D=64, BLOCK_DV=64)
-        yield (f"sm90-{name}-bf16-d64-128x64-pipelined", 90, KERNELS[name], "bf16", constexprs,
-               dict(num_warps=8, num_stages=3))
+    has no data-dependent branch, so K/V loads become ``cp.async`` copies across stages; also
+    split (the loop then starts at the split's first key, a runtime value)."""
+    for split in (False, True):
+        for name in ("fwd", "dq"):
+            constexprs = dict(HAS_BIAS=False, HAS_KPM=True, HAS_DROPOUT=True, DOT=T.DOT_NATIVE, SPLIT=split,
+                              BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=64)
+            yield (f"sm90-{name}-bf16-d64-128x64{'-split' if split else ''}-pipelined", 90, KERNELS[name],
+                   "bf16", constexprs, dict(num_warps=8, num_stages=3))
 
 
 def main():

@@ -33,8 +33,9 @@ def builds():
 
 
 def test_every_kernel_compiles_for_sm90(builds):
-    # attention kernels x plan, dropout mask, delta x dtypes, pipelined fwd and dq
-    assert len(builds) == 5 * 3 + 1 + 3 + 2
+    # attention kernels x plan, their split variants at d96, dropout mask, delta x dtypes, combine
+    # and dQ reduce x 2 dtypes, pipelined fwd and dq (unsplit and split)
+    assert len(builds) == 5 * 3 + 2 + 1 + 3 + 2 * 2 + 2 * 2
     errors = [b for b in builds if "error" in b]
     assert not errors, "\n".join(f"{b['case']}: {b['error']}" for b in errors)
 
@@ -42,16 +43,16 @@ def test_every_kernel_compiles_for_sm90(builds):
 def test_smallest_tiles_fit_in_shared_memory(builds):
     """The autotuner drops configs that do not fit, but its smallest tiles must always fit."""
     for b in builds:
-        if b["case"].endswith(("64x32", "32x64")):
+        if b["case"].endswith(("64x32", "32x64", "64x32-split", "32x64-split")):
             assert b["shared"] <= SMEM_LIMIT[b["arch"]], b
 
 
 def test_full_key_blocks_are_software_pipelined(builds):
     """As a launch specialises them, the forward's and dQ's full-block key loops copy K/V
     asynchronously across pipeline stages (a data-dependent branch in the loop, as the
-    skip-padding-blocks test once was, leaves zero)."""
+    skip-padding-blocks test once was, leaves zero), split into key ranges or not."""
     pipelined = [b for b in builds if b["case"].endswith("-pipelined")]
-    assert len(pipelined) == 2
+    assert len(pipelined) == 4 and sum("-split-" in b["case"] for b in pipelined) == 2
     for b in pipelined:
         assert b["async_copies"] > 0, b
 
@@ -84,8 +85,11 @@ def test_seq_bucket():
 
 def test_tune_key_names_kernel_arguments():
     """``triton.autotune`` silently drops a key that is no argument name: every key must be one."""
-    for kernel in (T._attention_fwd_kernel, T._attention_bwd_dkdv_kernel, T._attention_bwd_dq_kernel):
-        assert set(T._TUNE_KEY) <= set(kernel.arg_names), kernel
+    kernels = {"fwd": T._attention_fwd_kernel, "dkdv": T._attention_bwd_dkdv_kernel,
+               "dq": T._attention_bwd_dq_kernel}
+    for kind, kernel in kernels.items():
+        assert set(T._TUNE_KEY) <= set(T._TUNE_KEYS[kind]) <= set(kernel.arg_names), kernel
+        assert T._launcher(kind).keys == T._TUNE_KEYS[kind]
 
 
 @pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])

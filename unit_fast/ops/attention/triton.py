@@ -12,7 +12,17 @@ both recomputing the probabilities from ``lse``:
       the queries, accumulates ``dV = P_drop^T dO`` and ``dK = dS^T Q * scale``;
   ``_attention_bwd_dq_kernel``: one program per ``(BLOCK_M queries, batch * head)``, looping over
       the keys, accumulates ``dQ = dS K * scale``.
-Two kernels instead of one with atomic ``dQ`` adds: deterministic, and no fp32 ``dQ`` buffer.
+Two kernels instead of one with atomic ``dQ`` adds: deterministic, and no fp32 ``dQ`` buffer;
+the price is 7 GEMMs per (query block, key block) tile instead of FlashAttention-2's 5 (both
+kernels recompute ``S = Q K^T`` and ``dP = dO V^T``).
+
+Key splitting (flash-decoding).  Where the row-block grid ``cdiv(L, BLOCK_M) * B * H`` is too
+small to fill the GPU (decoder cross-attention: 100 queries over ~3,400 keys), the forward and dQ
+kernels take a third grid axis of ``n_split`` key ranges (``key_splits``, ``_split_range``).
+Each forward program then writes fp32 partials (its range's lse and normalised output), merged
+by ``_attention_fwd_combine_kernel``; each dQ program writes an fp32 partial dQ, summed in split
+order by ``_attention_bwd_dq_reduce_kernel``.  The dropout mask does not depend on the split
+(its Philox counter is the absolute (query, key) position).
 
 Loops and masks.  The key loops (forward, dQ) end at ``kv_end``: ``S``, or with a key-padding
 mask (``(B, S)``, nonzero = padding) one past the last non-padding key of the sequence
@@ -35,7 +45,8 @@ interleaves the four outputs along the keys).  ``keep = u >= p`` for ``u`` unifo
 ``attention_dropout_mask_triton`` writes the same mask out, for tests.
 
 Autotuning is keyed on the head dims, dtype, masks and power-of-two buckets of ``L`` and ``S``
-(see ``_TUNE_KEY``), with the candidate tiles pruned to the bucket (``_prune``).
+(and the key-loop kernels on their split count; see ``_TUNE_KEYS``), with the candidate tiles
+pruned to the bucket (``_prune``).
 
 Precision: scores, softmax statistics and accumulators are fp32; the two matmul operands are
 in the input dtype (``P`` is cast to V's dtype for ``P V``), fp32 inputs use IEEE fp32 dots
@@ -173,18 +184,24 @@ def _fwd_block(acc, l_i, m_i, q, offs_m, m_in, start_n, kv_end, k_base, v_base, 
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, Bias_ptr, KPM_ptr, KVEnd_ptr, Out_ptr, LSE_ptr,
+    Q_ptr, K_ptr, V_ptr, Bias_ptr, KPM_ptr, KVEnd_ptr, Out_ptr, LSE_ptr, PartO_ptr, PartLSE_ptr,
     stride_q_b, stride_q_h, stride_q_l, stride_q_d,
     stride_k_b, stride_k_h, stride_k_s, stride_k_d,
     stride_v_b, stride_v_h, stride_v_s, stride_v_d,
     stride_bias_b, stride_bias_h, stride_bias_l, stride_bias_s,
     stride_kpm_b,
     stride_o_b, stride_o_h, stride_o_l, stride_o_d,
-    H, L, S, D, DV, qk_scale, dropout_p, seed, bucket_l, bucket_s,
+    H, L, S, D, DV, qk_scale, dropout_p, seed, bucket_l, bucket_s, n_split,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # bucket_l, bucket_s: unused here, read by the autotuner (``_TUNE_KEY``).
+    """One program per ``(BLOCK_M queries, batch * head[, key split])``.  Without ``SPLIT`` it
+    writes ``Out`` and ``LSE``; with ``SPLIT`` (grid axis 2 = ``n_split`` key ranges,
+    ``_split_range``) it writes its range's fp32 partials to ``PartO`` ``(n_split, B * H, L, Dv)``
+    (normalised by the range's own sum) and ``PartLSE`` ``(n_split, B * H, L)`` (log2 units,
+    ``-inf`` where the range allows no key), merged by ``_attention_fwd_combine_kernel``."""
+    # bucket_l, bucket_s, n_split: read by the autotuner (``_TUNE_KEYS``); n_split also here.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -208,28 +225,101 @@ def _attention_fwd_kernel(
     kv_end = S
     if HAS_KPM:
         kv_end = tl.load(KVEnd_ptr + b)  # one past the last non-padding key of this sequence
-    kv_full = (kv_end // BLOCK_N) * BLOCK_N  # full blocks: no bounds masks
-    for start_n in range(0, kv_full, BLOCK_N):
+    if SPLIT:
+        lo, hi = _split_range(kv_end, n_split, BLOCK_N)
+    else:
+        lo = 0
+        hi = kv_end
+    hi_full = (hi // BLOCK_N) * BLOCK_N  # full blocks: no bounds masks
+    # Counted in blocks, not keys: with a split's nonzero start, ``range(lo, hi_full, BLOCK_N)``
+    # cost the sm_90 build registers (dQ at head dim 96 spilled 4 B; forward 255 registers, now
+    # 229), and ``tl.multiple_of(lo, BLOCK_N)`` did not help.
+    for blk in range(lo // BLOCK_N, hi_full // BLOCK_N):
+        start_n = blk * BLOCK_N
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, offs_m, m_in, start_n, kv_end, k_base, v_base, bias_base,
                                    kpm_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l,
                                    stride_bias_s, D, DV, qk_scale, dropout_p, seed, bh, HAS_BIAS, HAS_KPM,
                                    HAS_DROPOUT, DOT, True, BLOCK_N, BLOCK_D, BLOCK_DV)
-    if kv_full < kv_end:  # the partial last block
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, offs_m, m_in, kv_full, kv_end, k_base, v_base, bias_base,
+    if hi_full < hi:  # the partial last block (only where hi == kv_end)
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, offs_m, m_in, hi_full, kv_end, k_base, v_base, bias_base,
                                    kpm_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l,
                                    stride_bias_s, D, DV, qk_scale, dropout_p, seed, bh, HAS_BIAS, HAS_KPM,
                                    HAS_DROPOUT, DOT, False, BLOCK_N, BLOCK_D, BLOCK_DV)
 
-    empty = l_i == 0.0  # every key masked: output 0, lse -inf
+    empty = l_i == 0.0  # every key (of this range) masked: output 0, lse -inf
     inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    if SPLIT:
+        # Partial (split, bh) is the (L[, Dv]) slab at row (split * B * H + bh) * L of a contiguous
+        # fp32 buffer: an int64 scalar base plus int32 tile offsets (int64 offsets per element
+        # would cost two registers each; at Dv 128 the dQ kernel spilled).
+        row0 = (tl.program_id(2) * tl.num_programs(1) + bh).to(tl.int64) * L
+        tl.store(PartLSE_ptr + row0 + offs_m, lse2, mask=m_in)
+        tl.store(PartO_ptr + row0 * DV + offs_m[:, None] * DV + offs_dv[None, :], out,
+                 mask=m_in[:, None] & (offs_dv[None, :] < DV))
+    else:
+        tl.store(LSE_ptr + bh.to(tl.int64) * L + offs_m, lse2 / 1.4426950408889634, mask=m_in)
+        tl.store(Out_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l
+                 + offs_dv[None, :] * stride_o_d, out.to(Out_ptr.dtype.element_ty),
+                 mask=m_in[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _split_range(kv_end, n_split, BLOCK_N: tl.constexpr):
+    """``[lo, hi)``: the keys of this program's split (``program_id(2)``) of ``[0, kv_end)``.
+    Whole ``BLOCK_N`` blocks, ``cdiv(blocks, n_split)`` a split, so only the last non-empty split
+    ends inside a block, at ``kv_end`` (its masked tail); a split past the last block gets
+    ``lo == hi``, no iteration, hence the neutral partial ``(lse -inf, out 0)``.  Sized by the
+    sequence's own ``kv_end``, so a padded sequence spreads its keys over every split too."""
+    per = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), n_split) * BLOCK_N  # keys a split, a multiple of BLOCK_N
+    lo = tl.program_id(2) * per
+    hi = tl.maximum(tl.minimum(lo + per, kv_end), lo)  # lo >= kv_end: empty, and no partial block
+    return lo, hi
+
+
+@triton.jit
+def _attention_fwd_combine_kernel(
+    PartO_ptr, PartLSE_ptr, Out_ptr, LSE_ptr,
+    stride_o_b, stride_o_h, stride_o_l, stride_o_d,
+    H, L, DV, n_split,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merges the forward's ``n_split`` partials, one program per ``(BLOCK_M queries, batch *
+    head)``: with ``lse_i`` (log2) and ``o_i`` (normalised) of split ``i``, ``lse = log2 sum_i
+    2^lse_i`` and ``out = sum_i 2^(lse_i - lse) o_i`` (flash-decoding's reduction), as an online
+    max over the splits in index order (deterministic).  Neutral partials weigh 0; a row whose
+    splits are all neutral gets ``out = 0`` and ``lse = -inf``, as the single-kernel path."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_in = offs_m < L
+    mask = m_in[:, None] & (offs_dv[None, :] < DV)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    for i in range(0, n_split):
+        row0 = (i * tl.num_programs(1) + bh).to(tl.int64) * L  # as the forward's partial stores
+        lse_i = tl.load(PartLSE_ptr + row0 + offs_m, mask=m_in, other=float("-inf"))
+        o_i = tl.load(PartO_ptr + row0 * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, lse_i)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in _fwd_block: no -inf - -inf
+        alpha = tl.math.exp2(m_i - m_shift)
+        w = tl.math.exp2(lse_i - m_shift)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_i
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     tl.store(LSE_ptr + bh.to(tl.int64) * L + offs_m, lse, mask=m_in)
     tl.store(Out_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l
-             + offs_dv[None, :] * stride_o_d, out.to(Out_ptr.dtype.element_ty),
-             mask=m_in[:, None] & (offs_dv[None, :] < DV))
+             + offs_dv[None, :] * stride_o_d, out.to(Out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -407,7 +497,7 @@ def _dq_block(dq, q, do, lse2, delta, offs_m, m_in, start_n, kv_end, k_base, v_b
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q_ptr, K_ptr, V_ptr, Bias_ptr, KPM_ptr, KVEnd_ptr, DO_ptr, LSE_ptr, Delta_ptr, DQ_ptr,
+    Q_ptr, K_ptr, V_ptr, Bias_ptr, KPM_ptr, KVEnd_ptr, DO_ptr, LSE_ptr, Delta_ptr, DQ_ptr, PartDQ_ptr,
     stride_q_b, stride_q_h, stride_q_l, stride_q_d,
     stride_k_b, stride_k_h, stride_k_s, stride_k_d,
     stride_v_b, stride_v_h, stride_v_s, stride_v_d,
@@ -415,10 +505,15 @@ def _attention_bwd_dq_kernel(
     stride_kpm_b,
     stride_do_b, stride_do_h, stride_do_l, stride_do_d,
     stride_dq_b, stride_dq_h, stride_dq_l, stride_dq_d,
-    H, L, S, D, DV, scale, qk_scale, dropout_p, seed, bucket_l, bucket_s,
+    H, L, S, D, DV, scale, qk_scale, dropout_p, seed, bucket_l, bucket_s, n_split,
     HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """One program per ``(BLOCK_M queries, batch * head[, key split])``.  Without ``SPLIT`` it
+    writes ``dQ``; with ``SPLIT`` (the forward's key ranges, ``_split_range``) its range's
+    unscaled fp32 ``dS K`` to ``PartDQ`` ``(n_split, B * H, L, D)``, which
+    ``_attention_bwd_dq_reduce_kernel`` sums in split order (no atomics: deterministic)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -444,20 +539,54 @@ def _attention_bwd_dq_kernel(
     kv_end = S
     if HAS_KPM:
         kv_end = tl.load(KVEnd_ptr + b)
-    kv_full = (kv_end // BLOCK_N) * BLOCK_N
-    for start_n in range(0, kv_full, BLOCK_N):
+    if SPLIT:
+        lo, hi = _split_range(kv_end, n_split, BLOCK_N)
+    else:
+        lo = 0
+        hi = kv_end
+    hi_full = (hi // BLOCK_N) * BLOCK_N
+    for blk in range(lo // BLOCK_N, hi_full // BLOCK_N):  # in blocks, as the forward's
+        start_n = blk * BLOCK_N
         dq = _dq_block(dq, q, do, lse2, delta, offs_m, m_in, start_n, kv_end, k_base, v_base, bias_base,
                        kpm_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l, stride_bias_s,
                        D, DV, qk_scale, dropout_p, seed, bh, HAS_BIAS, HAS_KPM, HAS_DROPOUT, DOT, True,
                        BLOCK_N, BLOCK_D, BLOCK_DV)
-    if kv_full < kv_end:
-        dq = _dq_block(dq, q, do, lse2, delta, offs_m, m_in, kv_full, kv_end, k_base, v_base, bias_base,
+    if hi_full < hi:
+        dq = _dq_block(dq, q, do, lse2, delta, offs_m, m_in, hi_full, kv_end, k_base, v_base, bias_base,
                        kpm_base, stride_k_s, stride_k_d, stride_v_s, stride_v_d, stride_bias_l, stride_bias_s,
                        D, DV, qk_scale, dropout_p, seed, bh, HAS_BIAS, HAS_KPM, HAS_DROPOUT, DOT, False,
                        BLOCK_N, BLOCK_D, BLOCK_DV)
+    d_in = m_in[:, None] & (offs_d[None, :] < D)
+    if SPLIT:
+        row0 = (tl.program_id(2) * tl.num_programs(1) + bh).to(tl.int64) * L  # as the forward's partials
+        tl.store(PartDQ_ptr + row0 * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=d_in)  # empty: 0
+    else:
+        tl.store(DQ_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_l
+                 + offs_d[None, :] * stride_dq_d, (dq * scale).to(DQ_ptr.dtype.element_ty), mask=d_in)
+
+
+@triton.jit
+def _attention_bwd_dq_reduce_kernel(
+    PartDQ_ptr, DQ_ptr,
+    stride_dq_b, stride_dq_h, stride_dq_l, stride_dq_d,
+    H, L, D, scale, n_split,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``dQ = scale * sum_i PartDQ[i]`` over the ``n_split`` partials in index order (fp32, a
+    fixed order: deterministic), one program per ``(BLOCK_M queries, batch * head)``."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < L) & (offs_d[None, :] < D)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for i in range(0, n_split):
+        row0 = (i * tl.num_programs(1) + bh).to(tl.int64) * L
+        dq += tl.load(PartDQ_ptr + row0 * D + offs_m[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     tl.store(DQ_ptr + b * stride_dq_b + h * stride_dq_h + offs_m[:, None] * stride_dq_l
-             + offs_d[None, :] * stride_dq_d, (dq * scale).to(DQ_ptr.dtype.element_ty),
-             mask=m_in[:, None] & (offs_d[None, :] < D))
+             + offs_d[None, :] * stride_dq_d, (dq * scale).to(DQ_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -498,6 +627,11 @@ def _dot_mode(dtype):
 # every step, and re-tuning each would cost seconds; but encoder self-attention (thousands of
 # keys) and decoder cross-attention (~100 queries) want different tiles.
 _TUNE_KEY = ["D", "DV", "HAS_BIAS", "HAS_KPM", "HAS_DROPOUT", "DOT", "bucket_l", "bucket_s"]
+# The key-loop kernels also key on their split count: it divides each program's key trips (which
+# ``_prune`` fits the pipeline depth to) and multiplies the grid, so the best tile of a split launch
+# is not that of the same bucket unsplit.  It costs one tuning run per count seen, and the count is
+# a function of (L, S, B, H, SMs): a few values per shape (the batch size's).
+_TUNE_KEYS = {"fwd": _TUNE_KEY + ["n_split"], "dq": _TUNE_KEY + ["n_split"], "dkdv": _TUNE_KEY}
 SEQ_BUCKET_MIN, SEQ_BUCKET_MAX = 16, 4096
 
 
@@ -552,8 +686,8 @@ def _prune(configs, named_args, kind="fwd", loop="keys", **kwargs):
     drop tiles longer than the sequence they tile (``BLOCK_M > bucket_l`` or ``BLOCK_N >
     bucket_s``; if no tile fits both, the smallest tiles), and pipelines deeper than the kernel's
     loop has iterations (``loop`` is ``"keys"`` for the forward and dQ kernels, ``"queries"`` for
-    dK/dV): a stage without an iteration to prefetch costs shared memory for nothing.  Never
-    returns an empty list."""
+    dK/dV; a key loop split ``n_split`` ways has ``1 / n_split`` of the trips): a stage without an
+    iteration to prefetch costs shared memory for nothing.  Never returns an empty list."""
     allowed = TILES[kind][_width_class(named_args)]
     kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) in allowed]
     kept = kept or configs
@@ -569,15 +703,19 @@ def _prune(configs, named_args, kind="fwd", loop="keys", **kwargs):
     kept = fit
     min_stages = min(c.num_stages for c in kept)
 
+    n_split = max(int(named_args.get("n_split", 1)), 1)
+
     def trips(c):
-        return bucket_s // c.kwargs["BLOCK_N"] if loop == "keys" else bucket_l // c.kwargs["BLOCK_M"]
+        if loop == "keys":
+            return bucket_s // (c.kwargs["BLOCK_N"] * n_split)
+        return bucket_l // c.kwargs["BLOCK_M"]
 
     return [c for c in kept if c.num_stages <= max(trips(c), min_stages)]
 
 
 def _tuned(kernel, kind, loop):
     prune = functools.partial(_prune, kind=kind, loop=loop)
-    return triton.autotune(configs=_configs(kind), key=_TUNE_KEY,
+    return triton.autotune(configs=_configs(kind), key=_TUNE_KEYS[kind],
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -592,6 +730,45 @@ def _launcher(name):
                   "dq": _attention_bwd_dq_kernel}[name]
         _TUNED[name] = _tuned(kernel, name, loop="queries" if name == "dkdv" else "keys")
     return _TUNED[name]
+
+
+# Key splitting (``key_splits``): the tile it assumes (the launcher picks the split count before
+# the autotuner picks the tile): BLOCK_M 64, the forward's and dQ's usual row tile at UniT's head
+# dims, and BLOCK_N 64, the widest key tile, so "2 blocks a split" holds for every candidate.
+SPLIT_BLOCK_M, SPLIT_BLOCK_N = 64, 64
+MAX_SPLITS = 16  # partials cost n_split x (B H L Dv) fp32 writes and reads; flash-decoding caps near here
+MIN_SPLIT_BLOCKS = 2  # key blocks a split at least: fewer, and the partial's write-out dominates
+
+
+def key_splits(L, S, B, H, num_sms, block_m=SPLIT_BLOCK_M, block_n=SPLIT_BLOCK_N):
+    """Key ranges to split each query block's key loop into (forward and dQ), for ``num_sms``
+    streaming multiprocessors.  1 when ``cdiv(L, block_m) * B * H`` row-block programs already
+    fill the SMs (encoder self-attention) or the keys give fewer than two splits of
+    ``MIN_SPLIT_BLOCKS`` blocks; otherwise the fewest splits that reach ``num_sms`` programs (one
+    wave, and less than two since the unsplit grid is under one), at most ``MAX_SPLITS`` and at
+    least ``MIN_SPLIT_BLOCKS`` key blocks a split.  Pure Python: no device query."""
+    programs = triton.cdiv(L, block_m) * B * H
+    if programs == 0 or programs >= num_sms:
+        return 1
+    by_keys = triton.cdiv(S, block_n) // MIN_SPLIT_BLOCKS
+    return max(1, min(triton.cdiv(num_sms, programs), by_keys, MAX_SPLITS))
+
+
+@functools.cache
+def _num_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count  # host query, cached; no sync
+
+
+def _splits(n_split, q, L, S, B, H):
+    """The split count of a launch: ``n_split`` when given (tests force it in the interpreter),
+    else ``key_splits`` on CUDA and 1 elsewhere (the CPU interpreter)."""
+    if n_split is not None:
+        if int(n_split) < 1:
+            raise ValueError(f"attention: n_split must be >= 1, got {n_split}")
+        return int(n_split)
+    if q.device.type != "cuda" or _interpreted():
+        return 1
+    return key_splits(L, S, B, H, _num_sms(q.device.index if q.device.index is not None else 0))
 
 
 def _strides4(t):
@@ -627,8 +804,15 @@ def empty_like_layout(t, shape, dtype=None):
     return buf.permute(inverse)
 
 
-def attention_fwd_triton(q, k, v, bias, kpm, dropout_p, scale, seed):
-    """``(out (B, H, L, Dv) in q's layout, lse (B, H, L) fp32)``; see the module docstring."""
+def _row_block(block_d):
+    """Rows a program of the memory-bound kernels (delta, combine, dQ reduce) takes: about 4096
+    elements of each operand (16 fp32 registers a thread at 4 warps)."""
+    return min(128, max(16, 4096 // block_d))
+
+
+def attention_fwd_triton(q, k, v, bias, kpm, dropout_p, scale, seed, n_split=None):
+    """``(out (B, H, L, Dv) in q's layout, lse (B, H, L) fp32)``; see the module docstring.
+    ``n_split``: key ranges per query block (default ``key_splits`` on CUDA, 1 on CPU)."""
     B, H, L, D = q.shape
     S, DV = k.shape[2], v.shape[3]
     out = empty_like_layout(q, (B, H, L, DV))
@@ -638,21 +822,35 @@ def attention_fwd_triton(q, k, v, bias, kpm, dropout_p, scale, seed):
     if S == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     bias_arg, bias_strides, kpm_arg, kv_end, stride_kpm = _masks(bias, kpm, q, B, H, L, S)
-    # Note (issue 18, section 2, item 5; not done): the grid has cdiv(L, BLOCK_M) * B * H
-    # programs, so the decoder's 100 queries make one row block per head: B * H programs (e.g.
-    # 2 * 8 = 16 on 132 SMs) each streaming all ~3,400 keys.  The fixes are splitting the keys
-    # across programs (flash-decoding: per-split (m, l, acc) partials and a combine kernel) or
-    # packing several heads' queries into one BLOCK_M tile; the autotuner's L bucket already lets
-    # that shape pick BLOCK_M = 64 (twice the programs).
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    # Key splitting (issue 18, section 2): the grid has cdiv(L, BLOCK_M) * B * H programs, so the
+    # decoder's 100 queries give 2 * B * H (32 at B = 2 on 132 SMs), each streaming all ~3,400
+    # keys.  Flash-decoding (Dao et al. 2023) / FlashAttention-2's split-KV path add a grid axis
+    # of key ranges: each program runs the same online softmax over its range and writes an fp32
+    # (lse, normalised out) partial; a combine kernel weighs them by exp(lse_i - lse).  Taken from
+    # there: the partial format, the combine and the "one wave of programs" split count
+    # (``key_splits``).  Different: ranges are whole key blocks of each sequence's own kv_end,
+    # and dQ splits the same way (FA2 splits only its inference forward).  With one split the
+    # single kernel runs as before: no workspace, no combine.
+    n_split = _splits(n_split, q, L, S, B, H)
+    block_d, block_dv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    split = n_split > 1
+    part_o = part_lse = q  # unused unless split
+    if split:
+        part_o = torch.empty((n_split, B * H, L, DV), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((n_split, B * H, L), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H, n_split)  # noqa: E731
     _launcher("fwd")[grid](
-        q, k, v, bias_arg, kpm_arg, kv_end, out, lse,
+        q, k, v, bias_arg, kpm_arg, kv_end, out, lse, part_o, part_lse,
         *_strides4(q), *_strides4(k), *_strides4(v), *bias_strides, stride_kpm, *_strides4(out),
-        H, L, S, D, DV, scale * LOG2E, dropout_p, seed, seq_bucket(L), seq_bucket(S),
+        H, L, S, D, DV, scale * LOG2E, dropout_p, seed, seq_bucket(L), seq_bucket(S), n_split,
         HAS_BIAS=bias is not None, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
-        DOT=_dot_mode(q.dtype),
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
+        DOT=_dot_mode(q.dtype), SPLIT=split, BLOCK_D=block_d, BLOCK_DV=block_dv,
     )
+    if split:
+        block_m = _row_block(block_dv)
+        _attention_fwd_combine_kernel[(triton.cdiv(L, block_m), B * H)](
+            part_o, part_lse, out, lse, *_strides4(out), H, L, DV, n_split,
+            BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4)
     return out, lse
 
 
@@ -664,17 +862,16 @@ def attention_bwd_delta_triton(grad_out, out):
     if delta.numel() == 0:
         return delta
     block_dv = max(16, triton.next_power_of_2(DV))
-    # Memory-bound: no tuning; about 4096 elements of each operand per program (16 fp32
-    # registers a thread at 4 warps).
-    block_m = min(128, max(16, 4096 // block_dv))
+    block_m = _row_block(block_dv)  # memory-bound: no tuning
     _attention_bwd_delta_kernel[(triton.cdiv(L, block_m), B * H)](
         out, grad_out, delta, *_strides4(out), *_strides4(grad_out), H, L, DV,
         BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4)
     return delta
 
 
-def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, kpm, dropout_p, scale, seed):
-    """``(dq, dk, dv)``, each in the layout of its input."""
+def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, kpm, dropout_p, scale, seed, n_split=None):
+    """``(dq, dk, dv)``, each in the layout of its input.  ``n_split``: key ranges of the dQ
+    kernel's key loop (default as the forward's; dK/dV already has a program per key block)."""
     B, H, L, D = q.shape
     S, DV = k.shape[2], v.shape[3]
     dq, dk, dv = empty_like_layout(q, q.shape), empty_like_layout(k, k.shape), empty_like_layout(v, v.shape)
@@ -692,11 +889,21 @@ def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, kpm, dropout_p, scal
         *common, *_strides4(dk), *_strides4(dv),
         H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, *buckets, **consts,
     )
-    _launcher("dq")[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)](
-        q, k, v, bias_arg, kpm_arg, kv_end, grad_out, lse, delta, dq,
+    n_split = _splits(n_split, q, L, S, B, H)
+    split = n_split > 1
+    # fp32 partial dQ per split, summed in split order by a second kernel: deterministic, unlike
+    # FA2's atomic dQ adds.
+    part_dq = torch.empty((n_split, B * H, L, D), dtype=torch.float32, device=q.device) if split else q
+    _launcher("dq")[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H, n_split)](
+        q, k, v, bias_arg, kpm_arg, kv_end, grad_out, lse, delta, dq, part_dq,
         *common, *_strides4(dq),
-        H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, *buckets, **consts,
+        H, L, S, D, DV, scale, scale * LOG2E, dropout_p, seed, *buckets, n_split, **consts, SPLIT=split,
     )
+    if split:
+        block_m = _row_block(consts["BLOCK_D"])
+        _attention_bwd_dq_reduce_kernel[(triton.cdiv(L, block_m), B * H)](
+            part_dq, dq, *_strides4(dq), H, L, D, scale, n_split,
+            BLOCK_M=block_m, BLOCK_D=consts["BLOCK_D"], num_warps=4)
     return dq, dk, dv
 
 
