@@ -28,7 +28,7 @@ TORCH_LIBRARY(unit_fast, m) {
   // Test-only: the CUDA kernel's per-block decomposition simulated on the CPU.
   m.def(
       "_hungarian_match_block_sim(Tensor cost, Tensor? num_cols, bool maximize, bool scipy_ties, "
-      "int threads) -> Tensor");
+      "int threads, int cluster=1) -> Tensor");
   // CPU kernels of the matcher's cost and the box losses (ops/<op>.h; the Triton-backed ops of
   // the same names without "_cpp" are Python custom ops, unit_fast/ops/<op>/op.py).
   m.def(

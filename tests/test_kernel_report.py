@@ -8,6 +8,7 @@ below 25% warp occupancy), unless the row carries a documented ``why`` (``report
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -139,6 +140,23 @@ def test_lsa_launch_plan_mirrors_the_launcher():
     assert cuda_build.launch_plan(32, 5000, 15_000, batch=400) == ("block", 32, 5000, "shared")
     assert cuda_build.launch_plan(128, 50_000, optin, batch=64) == ("block", 128, 50_000, "shared")
     assert cuda_build.launch_plan(256, optin, optin, batch=64) == ("block", 256, 0, "global")
+    # The cluster path: K >= 2 blocks of cluster_threads(C, K) threads, workspace as the block path.
+    plan = cuda_build.launch_plan(128, 46_000, 4_050_032, (16, 64), batch=8)
+    assert plan == ("cluster", 64, 46_000, "shared")
+    assert cuda_build.launch_plan(256, optin, optin, (4, 256), batch=8) == ("cluster", 256, 0, "global")
+    assert cuda_build.launch_plan(32, 5000, 6000, (4, 64), batch=8)[0] == "warp"  # small: warp path first
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no host C++ compiler")
+def test_cluster_choice_from_the_sources():
+    """cluster_blocks / cluster_threads, compiled out of the .cu: the issue's 8 x 1000 x 1000
+    gets 16-block clusters (128 of 132 SMs), DINO's 900 x 100 at 16 problems 8 blocks; at
+    B = 64 (a quarter of the SMs exceeded) and for small problems, no cluster."""
+    sizes = cuda_build.launch_sizes([(1000, 1000, 8), (900, 100, 16), (900, 100, 64), (100, 20, 8),
+                                     (300, 100, 33), (1000, 1000, 1)])
+    assert [s[3] for s in sizes] == [(16, 64), (8, 128), (1, 928), (1, 128), (4, 96), (16, 64)]
+    for *_, (k, t) in sizes:
+        assert k * t <= 1024 and t % 32 == 0
 
 
 def test_a_compile_error_fails():

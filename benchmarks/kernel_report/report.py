@@ -172,7 +172,8 @@ def _config_text(row):
         stages = f" s{c['num_stages']}" if c.get("num_stages") is not None else ""
         return f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c.get('num_warps')}{stages}"
     if "threads" in c:
-        return f"{c['Q']}x{c['T']}, {c['threads']} threads, {c['workspace']} ws"
+        blocks = f" x {c['cluster_blocks']} blocks" if "cluster_blocks" in c else ""
+        return f"{c['B']}x{c['Q']}x{c['T']}, {c['threads']} threads{blocks}, {c['workspace']} ws"
     tiles = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK_"))
     stages = f" s{c['num_stages']}" if c.get("num_stages") is not None else ""
     return f"{tiles} w{c.get('num_warps')}{stages}"

@@ -532,11 +532,16 @@ UF_HD void update_duals(W& w, int nr, int nc, int cur, double min_val, int start
   }
 }
 
+// Flips the search tree's path from sink back to row cur.  That path meets each reached row
+// once, so it has at most nr steps: the bound never binds in a correct solve, and it turns a
+// corrupted tree (a broken decomposition under the CPU simulation, which cannot preempt a
+// fiber caught in a loop) into a wrong answer the tests see instead of a hang.
 template <typename W>
-UF_HD void augment(W& w, int cur, int sink) {
+UF_HD void augment(W& w, int nr, int cur, int sink) {
   int j = sink;
-  while (true) {
+  for (int step = 0; step < nr && j >= 0; ++step) {
     const int i = w.path[j];
+    if (i < 0 || i >= nr) break;
     w.row4col[j] = i;
     const int prev = w.col4row[i];
     w.col4row[i] = j;
@@ -637,7 +642,7 @@ UF_HD int solve(const P& p, W& w, bool use_jv_start, bool check_invalid, Block& 
         i = next;
     }
     blk.all([&](int s, int t) { update_duals(w, nr, nc, cur, min_val, s, t); });
-    blk.single([&] { augment(w, cur, sink); });
+    blk.single([&] { augment(w, nr, cur, sink); });
   }
   return kStatusOk;
 }
@@ -742,13 +747,17 @@ struct SimBlock {
 //     layout), so there is no extra kernel and no global scratch.  Not taken:
 //     its state in registers (that is why it recompiles for every new shape) and
 //     its two host syncs per call; here shapes are runtime values and errors are
-//     codes in the output, so a call never syncs.
+//     codes in the output, so a call never syncs.  For problems too large to
+//     stage (DINO's 900 x 100), the launcher makes its contiguous transposed
+//     copy in global memory instead, so the block and cluster paths' scans are
+//     unit stride too.
 //   * HyLAC (Kawtikwar & Nagi, JPDC 2024): a granularity per problem size --
 //     a tiled "stream" solver for many small problems, a block per problem, and
 //     a many-block solver for one large problem; coalesced access and few host
-//     syncs.  Taken: the size-based choice between the warp path and the block
-//     path (launch() in the .cu).  Its many-block solver is the model for the
-//     missing piece (several blocks on one large problem), not done yet.
+//     syncs.  Taken: the size-based choice between the warp, block and cluster
+//     paths (launch() in the .cu), and several blocks on one large problem --
+//     as a thread-block cluster (ClusterThreads, below) rather than HyLAC's
+//     blocks meeting in global memory.
 //
 // Precision (FP32 where exact, FP64 where needed):
 //   * the staged cost tile is float for float, half and bfloat16 inputs:
@@ -918,6 +927,7 @@ constexpr int kMaxBlockWarps = 32;
 struct BlockScratch {  // __shared__ on CUDA
   Key key[2][kMaxBlockWarps];
   TwoMin two[2][kMaxBlockWarps];
+  uint8_t flag[2][kMaxBlockWarps];  // ClusterThreads::barrier_or's slots
   ArrState arr;
 };
 
@@ -1009,6 +1019,73 @@ UF_HD void solve_block(Threads& th, BlockScratch* sh, const scalar_t* cost, int6
   ThreadBlock<Threads> blk{th, sh, 0};
   const int status = solve(p, w, jv, /*check_invalid=*/true, blk, &sh->arr);
   write_result(w, status, tr, N, out, th.tid(), th.size());
+}
+
+// ---- Several blocks per problem: a thread-block cluster -------------------------
+//
+// Few large problems (8 x 1000 x 1000, 16 x DINO's 900 x 100) would leave most SMs idle with
+// one block each.  On sm_90 a cluster of K blocks (on K SMs of one GPC) shares one problem:
+// the K * T threads of the cluster are one ThreadBlock, the same driver and the same
+// reductions, with
+//   * tid() = rank * T + threadIdx.x and size() = K * T, so every strided row/column loop
+//     and every scan is spread over K SMs' load bandwidth (the JV start's column
+//     reduction reads all nr * nc costs; a Dijkstra step scans every unsettled column);
+//   * barrier() = cluster.sync() (barrier.cluster arrive.release / wait.acquire: it orders
+//     the shared, distributed-shared and global accesses of the whole cluster);
+//   * the solver state and the reduction slots in the leader's (rank 0's) shared memory,
+//     which the other blocks address through distributed shared memory (DSMEM), or in a
+//     global workspace when the state exceeds one block's shared memory;
+//   * barrier_or as a slot reduction (there is no cluster-wide __syncthreads_or);
+//   * one cluster.sync() before the first remote access (every block has started) and
+//     one after the last (the leader's shared memory outlives the other blocks' reads).
+// This is HyLAC's many-block idea for one large problem, in the form Hopper offers cheaply:
+// HyLAC synchronises its blocks through global memory and grid-wide barriers, a cluster
+// through the SM-to-SM network.  A Dijkstra step still costs three cluster barriers, so the
+// gain is the wider scan and the spread column reduction, not a shorter critical path; the
+// launcher uses it only for large problems on an otherwise idle GPU (see launch() in the .cu).
+//
+// Prims adds cluster primitives to the warp ones of WarpBlock:
+//   rank(), ranks()           this block's rank in the cluster, the cluster size K;
+//   block_tid(), block_size() threadIdx.x, blockDim.x (a multiple of 32);
+//   cluster_sync()            cluster.sync().
+// The CPU simulation runs the K * T threads as interleaved fibers of one simulated
+// cluster (cpu/hungarian_match_kernel.cpp), so the decomposition and every cluster barrier
+// are exercised by CPU tests.
+template <typename Prims>
+struct ClusterThreads {
+  Prims& pr;
+  BlockScratch* sh;  // the leader's scratch (barrier_or's slots live there)
+  int parity;
+
+  UF_HD int lane() const { return pr.lane(); }
+  UF_HD int tid() const { return pr.rank() * pr.block_size() + pr.block_tid(); }
+  UF_HD int size() const { return pr.ranks() * pr.block_size(); }
+  UF_HD void barrier() { pr.cluster_sync(); }
+  UF_HD bool barrier_or(bool p) {
+    const bool w = pr.any(p);
+    uint8_t* slot = sh->flag[parity];
+    parity ^= 1;
+    if (lane() == 0) slot[tid() / kWarpSize] = w ? 1 : 0;
+    pr.cluster_sync();
+    int r = 0;
+    for (int q = 0; q < size() / kWarpSize; ++q) r |= slot[q];
+    return r != 0;
+  }
+  UF_HD double shfl_xor(double x, int off) { return pr.shfl_xor(x, off); }
+  UF_HD int shfl_xor(int x, int off) { return pr.shfl_xor(x, off); }
+};
+
+// One problem on one cluster (the CUDA cluster kernel's body, and the CPU simulation's).
+// sh0 and ws0 are the leader's scratch and workspace (DSMEM or global addresses); the
+// other arguments as solve_block.  K * T <= 32 * kMaxBlockWarps.
+template <typename scalar_t, typename Prims>
+UF_HD void solve_cluster(Prims& pr, BlockScratch* sh0, const scalar_t* cost, int64_t sN, int64_t sM, int N,
+                         int M, const int64_t* num_cols, int64_t b, double sign, bool jv, int64_t* out, void* ws0,
+                         int64_t R, int64_t C) {
+  pr.cluster_sync();  // every block of the cluster runs before any touches the leader's memory
+  ClusterThreads<Prims> th{pr, sh0, 0};
+  solve_block<scalar_t>(th, sh0, cost, sN, sM, N, M, num_cols, b, sign, jv, out, ws0, R, C);
+  pr.cluster_sync();  // no block reads the leader's memory after the leader exits
 }
 
 }  // inline namespace UF_LSA_ISA

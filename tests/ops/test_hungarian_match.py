@@ -382,13 +382,16 @@ def test_public_names():
 # threads a multiple of 32: lsa::solve_block, the block kernel's own body, and threads = -W:
 # lsa::solve_warp, the warp kernel's own body with W warps (problems) per simulated block --
 # each lane a fiber, lanes interleaved in a new order between every two warp primitives or
-# barriers (csrc/ops/cpu/hungarian_match_kernel.cpp, warpsim).
-SIM_THREADS = [1, 7, 32, 128, -1, -3]  # 32, 128: the block path on fibers
+# barriers (csrc/ops/cpu/hungarian_match_kernel.cpp, warpsim).  threads = (T, K): the cluster
+# path, lsa::solve_cluster -- K blocks of T threads on one problem, all K * T threads fibers of
+# one simulated cluster whose barriers are cluster-wide.
+SIM_THREADS = [1, 7, 32, 128, -1, -3, (32, 2), (64, 4)]  # 32, 128: the block path on fibers
 needs_ext = pytest.mark.skipif(not unit_fast._ext.HAS_EXT, reason="unit_fast._C not built (pure-Python install)")
 
 
 def block_sim(cost, num_cols=None, maximize=False, scipy_ties=False, threads=32):
-    return torch.ops.unit_fast._hungarian_match_block_sim(cost, num_cols, maximize, scipy_ties, threads)
+    threads, cluster = threads if isinstance(threads, tuple) else (threads, 1)
+    return torch.ops.unit_fast._hungarian_match_block_sim(cost, num_cols, maximize, scipy_ties, threads, cluster)
 
 
 @needs_ext
@@ -439,11 +442,14 @@ def test_block_sim_edge_cases(threads):
 
 @needs_ext
 def test_block_sim_registration():
-    for threads in (32, -2):
+    for threads, cluster in ((32, 1), (-2, 1), (32, 2)):
         torch.library.opcheck(torch.ops.unit_fast._hungarian_match_block_sim.default,
-                              (torch.rand(2, 4, 6), None, False, False, threads))
+                              (torch.rand(2, 4, 6), None, False, False, threads, cluster))
     for threads in (0, -9, 1025):
         with pytest.raises(ValueError, match="threads"):
+            block_sim(torch.rand(1, 2, 2), threads=threads)
+    for threads in ((32, 0), (32, 17), (-2, 2), (48, 2), (512, 4)):
+        with pytest.raises(ValueError, match="cluster"):
             block_sim(torch.rand(1, 2, 2), threads=threads)
 
 
@@ -468,11 +474,14 @@ def _fault_inputs():
 
 
 @needs_ext
-@pytest.mark.parametrize("threads,fault", [(-2, "drop_syncwarp"), (-2, "partial_mask"), (64, "partial_mask")])
+@pytest.mark.parametrize("threads,fault", [(-2, "drop_syncwarp"), (-2, "partial_mask"), (64, "partial_mask"),
+                                           ((32, 2), "partial_mask"), (64, "drop_barrier"),
+                                           ((32, 2), "drop_barrier")])
 def test_sim_detects_injected_faults(monkeypatch, threads, fault):
-    """Break-check of the simulation: with every __syncwarp dropped (warp path), or the shuffles'
-    mask narrowed to half the warp (both paths), the interleaved lanes must either trip the
-    simulator's checks or change the result.  Without the fault the same calls are exact."""
+    """Break-check of the simulation: with every __syncwarp dropped (warp path), the shuffles'
+    mask narrowed to half the warp (every path), or every block / cluster barrier dropped (block
+    and cluster paths), the interleaved lanes must either trip the simulator's checks or change
+    the result.  Without the fault the same calls are exact."""
     inputs = _fault_inputs()
     wants = [torch.ops.unit_fast.hungarian_match(c, None, False, True) for c in inputs]
     for c, want in zip(inputs, wants):
@@ -497,7 +506,8 @@ def test_sim_detects_injected_faults(monkeypatch, threads, fault):
 def test_randomized_against_scipy(seed):
     """Many small problems of every character -- ties, huge and tiny scales, negative costs,
     forbidden pairs, maximize, infeasible -- through the CPU kernel (both tie modes) and the
-    CUDA decomposition (1, 3 and 32 workers): scipy's total, or INFEASIBLE where scipy raises."""
+    CUDA decomposition (1, 3 and 32 workers, 2 warps, a 2-block cluster): scipy's total, or
+    INFEASIBLE where scipy raises."""
     rng = np.random.default_rng(seed)
     for _ in range(60):
         n, m = (int(x) for x in rng.integers(1, 14, 2))
@@ -524,7 +534,8 @@ def test_randomized_against_scipy(seed):
             want = None
         t = torch.from_numpy(c)[None]
         outs = [torch.ops.unit_fast.hungarian_match(t, None, maximize, ties) for ties in (False, True)]
-        outs += [block_sim(t, None, maximize, ties, threads) for ties in (False, True) for threads in (1, 3, 32, -2)]
+        outs += [block_sim(t, None, maximize, ties, threads) for ties in (False, True)
+                 for threads in (1, 3, 32, -2, (32, 2))]
         for out in outs:
             out = out[0]
             if want is None:
@@ -534,3 +545,26 @@ def test_randomized_against_scipy(seed):
             assert len(rows) == min(n, m) and len(set(out[rows].tolist())) == len(rows), (c, out)
             got = c[rows.numpy(), out[rows].numpy()].sum()
             assert got == pytest.approx(want, rel=1e-9, abs=1e-9 * max(1.0, abs(want))), (c, out)
+
+
+@needs_ext
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA launch paths need a GPU")
+@pytest.mark.parametrize("shape,ragged", [((64, 100, 20), False), ((64, 300, 100), False),
+                                          ((4, 300, 300), False), ((2, 900, 100), False),
+                                          ((1, 1000, 1000), True)])
+def test_cuda_launch_paths_match_the_cpu_kernel(monkeypatch, shape, ragged):
+    """Each CUDA path on the device -- warp (64 x 100 x 20), block with the transposed copy
+    (64 x 300 x 100), cluster (few problems of >= 256 columns; 900 x 100 transposed, 1000^2
+    ragged) -- gives the CPU kernel's exact indices in scipy_ties mode, with the cluster path on
+    and off (UNIT_FAST_LSA_CLUSTER=0): same driver, same total order on candidates."""
+    gen = torch.Generator().manual_seed(3)
+    cost = torch.rand(shape, generator=gen)
+    nc = torch.randint(shape[2] // 2, shape[2] + 1, (shape[0],), generator=gen) if ragged else None
+    want = torch.ops.unit_fast.hungarian_match(cost, nc, False, True)
+    for env in ("", "0"):
+        if env:
+            monkeypatch.setenv("UNIT_FAST_LSA_CLUSTER", env)
+        else:
+            monkeypatch.delenv("UNIT_FAST_LSA_CLUSTER", raising=False)
+        got = torch.ops.unit_fast.hungarian_match(cost.cuda(), None if nc is None else nc.cuda(), False, True)
+        assert torch.equal(got.cpu(), want), f"UNIT_FAST_LSA_CLUSTER={env!r}"

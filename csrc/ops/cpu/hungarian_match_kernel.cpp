@@ -236,8 +236,11 @@ void block_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximi
 // ---- The GPU paths, simulated ---------------------------------------------------
 //
 // threads < 0: the warp path, -threads warps (problems) per block; threads a
-// multiple of 32: the block path, one problem per block.  lsa::solve_warp or
-// lsa::solve_block -- the CUDA kernels' bodies, the same source -- runs with
+// multiple of 32: the block path, one problem per block, or with cluster = K > 1
+// the cluster path, one problem per K blocks of `threads` threads (all K * threads
+// threads are fibers of one simulated cluster, and a barrier is cluster.sync()).
+// lsa::solve_warp, lsa::solve_block or lsa::solve_cluster -- the CUDA kernels'
+// bodies, the same source -- runs with
 // each lane a fiber (ucontext).  A lane runs until it reaches a warp primitive
 // (sync, shfl_xor, any), posts it and yields; when every lane of its warp is
 // waiting, the scheduler checks the collective and completes it (shuffles
@@ -256,10 +259,12 @@ void block_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximi
 // A barrier completes when all threads of the block wait at it.
 // Fault injection, to show the tests catch such bugs (test-only environment
 // variable, read on every call): UNIT_FAST_LSA_SIM_FAULT=drop_syncwarp makes
-// every __syncwarp a no-op, =partial_mask makes every shuffle use 0x0000ffff.
-// (No fault drops barriers: with the solver state corrupted, a thread can loop
-// forever inside augment() without reaching another primitive, and a fiber
-// scheduler cannot preempt it.)
+// every __syncwarp a no-op, =partial_mask makes every shuffle use 0x0000ffff,
+// =drop_barrier makes every block (or cluster) barrier a no-op -- __syncthreads_or
+// returns the thread's own flag.  (A fiber scheduler cannot preempt a fiber in a
+// loop without primitives; the solver's only such loop over corruptible state,
+// augment(), is bounded by the row count, so a broken decomposition ends in a
+// wrong answer rather than a hang.)
 #if UF_LSA_WARP_SIM
 namespace warpsim {
 
@@ -277,8 +282,10 @@ struct Lane {
 struct SimLanes;
 
 struct Sim {
-  int warps = 1;  // threads = 32 * warps
+  int warps = 1;  // threads = 32 * warps (of the whole cluster on the cluster path)
+  int block_threads = 0;  // the cluster path: threads per block
   bool drop_sync = false;
+  bool drop_barrier = false;
   unsigned shfl_mask = lsa::kFullMask;
   std::vector<Lane> lanes;
   std::vector<std::vector<char>> stacks;
@@ -291,6 +298,7 @@ struct Sim {
   void set_fault(const char* fault) {
     const auto is = [fault](const char* name) { return fault && std::strcmp(fault, name) == 0; };
     drop_sync = is("drop_syncwarp");
+    drop_barrier = is("drop_barrier");
     shfl_mask = is("partial_mask") ? 0x0000ffffu : lsa::kFullMask;
   }
   uint64_t next_random() {
@@ -333,8 +341,16 @@ struct SimLanes {
     return static_cast<int>(static_cast<uint32_t>(post(kShfl, sim->shfl_mask, lane() ^ off, static_cast<uint32_t>(x))));
   }
   bool any(bool p) { return post(kAny, lsa::kFullMask, lane(), p ? 1 : 0) != 0; }
-  void barrier() { post(kBar, 0, 0, 0); }
-  bool barrier_or(bool p) { return post(kBarOr, 0, 0, p ? 1 : 0) != 0; }
+  void barrier() {
+    if (!sim->drop_barrier) post(kBar, 0, 0, 0);
+  }
+  // lsa::ClusterThreads' Prims: thread g is thread g % T of block g / T.
+  int rank() const { return g / sim->block_threads; }
+  int ranks() const { return size() / sim->block_threads; }
+  int block_tid() const { return g % sim->block_threads; }
+  int block_size() const { return sim->block_threads; }
+  void cluster_sync() { barrier(); }
+  bool barrier_or(bool p) { return sim->drop_barrier ? p : post(kBarOr, 0, 0, p ? 1 : 0) != 0; }
 };
 
 thread_local Sim* tl_sim = nullptr;
@@ -487,16 +503,50 @@ void block_fiber_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool 
     TORCH_CHECK(sim.error.empty(), "hungarian_match block simulation, problem ", b, ": ", sim.error);
   }
 }
+
+// The cluster path: lsa::solve_cluster -- the CUDA cluster kernel's body -- on
+// cluster * threads interleaved fibers, one problem per simulated cluster.  The
+// leader's scratch and workspace are the one BlockScratch and buffer every fiber
+// addresses (DSMEM on the GPU); a cluster barrier completes when every thread of
+// every block waits at it.
+template <typename scalar_t>
+void cluster_fiber_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximize, bool scipy_ties,
+                            int threads, int cluster, int64_t* out) {
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  const int64_t R = std::min(N, M), C = std::max(N, M);
+  std::vector<double> ws(lsa::workspace_bytes(R, C) / sizeof(double) + 2);
+  lsa::BlockScratch scratch{};
+  warpsim::Sim sim;
+  sim.warps = cluster * threads / lsa::kWarpSize;
+  sim.block_threads = threads;
+  sim.set_fault(std::getenv("UNIT_FAST_LSA_SIM_FAULT"));
+  const scalar_t* base = cost.data_ptr<scalar_t>();
+  const double sign = maximize ? -1.0 : 1.0;
+  for (int64_t b = 0; b < B; ++b) {
+    sim.body = [&](int, warpsim::SimLanes& pr) {
+      lsa::solve_cluster<scalar_t>(pr, &scratch, base + b * cost.stride(0), cost.stride(1), cost.stride(2),
+                                   static_cast<int>(N), static_cast<int>(M), num_cols, b, sign, !scipy_ties,
+                                   out + b * N, ws.data(), R, C);
+    };
+    sim.run_block();
+    TORCH_CHECK(sim.error.empty(), "hungarian_match cluster simulation, problem ", b, ": ", sim.error);
+  }
+}
 #endif  // UF_LSA_WARP_SIM
 
 at::Tensor hungarian_match_block_sim_kernel(const at::Tensor& cost, const c10::optional<at::Tensor>& num_cols,
-                                            bool maximize, bool scipy_ties, int64_t threads) {
+                                            bool maximize, bool scipy_ties, int64_t threads, int64_t cluster) {
   check_hungarian_match_args(cost, num_cols);
+  TORCH_CHECK_VALUE(cluster >= 1 && cluster <= 16, "cluster must be in [1, 16] blocks, got ", cluster);
+  TORCH_CHECK_VALUE(cluster == 1 || (threads > 0 && threads % lsa::kWarpSize == 0 &&
+                                     cluster * threads <= lsa::kWarpSize * lsa::kMaxBlockWarps),
+                    "the cluster path needs threads a multiple of 32 with cluster * threads <= ",
+                    lsa::kWarpSize * lsa::kMaxBlockWarps, ", got threads ", threads, ", cluster ", cluster);
   TORCH_CHECK_VALUE((threads >= 1 && threads <= 1024) || (threads >= -8 && threads <= -1),
                     "threads must be in [1, 1024] (block path: threads per block) or [-8, -1] (warp path: "
                     "-warps per block), got ", threads);
 #if !UF_LSA_WARP_SIM
-  TORCH_CHECK(threads > 0, "the warp-path simulation needs ucontext (Linux)");
+  TORCH_CHECK(threads > 0 && cluster == 1, "the warp- and cluster-path simulations need ucontext (Linux)");
 #endif
   at::Tensor out = at::empty({cost.size(0), cost.size(1)}, cost.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
@@ -504,6 +554,9 @@ at::Tensor hungarian_match_block_sim_kernel(const at::Tensor& cost, const c10::o
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cost.scalar_type(), "hungarian_match_block_sim", [&] {
     const int64_t* ncp = nc.defined() ? nc.data_ptr<int64_t>() : nullptr;
 #if UF_LSA_WARP_SIM
+    if (cluster > 1)
+      return cluster_fiber_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(threads),
+                                              static_cast<int>(cluster), out.data_ptr<int64_t>());
     if (threads < 0)
       return warp_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(-threads),
                                      out.data_ptr<int64_t>());

@@ -34,7 +34,7 @@ def _hungarian_match_fake(cost, num_cols=None, maximize=False, scipy_ties=False)
 if _ext.HAS_EXT:
 
     @torch.library.register_fake("unit_fast::_hungarian_match_block_sim")
-    def _hungarian_match_block_sim_fake(cost, num_cols, maximize, scipy_ties, threads):
+    def _hungarian_match_block_sim_fake(cost, num_cols, maximize, scipy_ties, threads, cluster=1):
         return cost.new_empty(cost.shape[:2], dtype=torch.long)
 
 
