@@ -8,6 +8,7 @@ figure here and one from ``pytest benchmarks/`` time the same code.  Imported on
 """
 
 import functools
+import os
 import statistics
 
 import pytest
@@ -117,7 +118,26 @@ def bench_lsa(item, run):
                 del providers["torch_linear_assignment"]
                 run.add_skip(item.topic, f"{name} baseline torch_linear_assignment",
                              "no Triton path here; it would time its scipy fallback")
-        _side_by_side(run, item, name, shape.as_dict(), "float32", ours, providers, inputs)
+        # The cluster path (few problems of >= 256 columns) against the block path it replaces,
+        # same run: the launcher's choice is a design decision no GPU has measured yet.
+        no_cluster = measure(_without_lsa_cluster(ours), inputs)["ms"]
+        _side_by_side(run, item, name, shape.as_dict(), "float32", ours, providers, inputs,
+                      variants={"unit_fast_cluster_off": round(no_cluster, 4)})
+
+
+def _without_lsa_cluster(fn):
+    """``fn`` run with ``UNIT_FAST_LSA_CLUSTER=0`` (the CUDA launcher reads it on every call)."""
+    def run(*args):
+        old = os.environ.get("UNIT_FAST_LSA_CLUSTER")
+        os.environ["UNIT_FAST_LSA_CLUSTER"] = "0"
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ["UNIT_FAST_LSA_CLUSTER"]
+            else:
+                os.environ["UNIT_FAST_LSA_CLUSTER"] = old
+    return run
 
 
 def bench_matcher(item, run):

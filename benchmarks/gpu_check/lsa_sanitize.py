@@ -15,7 +15,9 @@ from unit_fast.ops.hungarian_match.reference import hungarian_match_ref
 
 def main(quick=False):
     gen = torch.Generator().manual_seed(0)
-    shapes = [(4, 30, 7), (3, 17, 17), (2, 5, 9)]  # (B, N, M): rectangular, square, N < M
+    # (B, N, M): rectangular, square, N < M, and few problems of >= 256 columns (the cluster path
+    # on sm_90: distributed shared memory and cluster barriers under the sanitizer too).
+    shapes = [(4, 30, 7), (3, 17, 17), (2, 5, 9), (2, 260, 40)]
     if not quick:
         shapes += [(8, 100, 20), (4, 64, 64), (3, 900, 50)]
     bad = 0

@@ -123,6 +123,26 @@ def test_split_half_precision():
     _check(q, k, v, grad, kpm, bias.half(), _run(q, k, v, grad, kpm, bias.half(), 3), msg="fp16")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled split path needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_split", [None, 4])
+def test_split_compiled_on_cuda(dtype, n_split):
+    """The compiled kernels (native bf16 ``tl.dot``; the interpreter upcasts) at a decoder
+    cross-attention shape, with the automatic split count (above 1 on any GPU with more SMs
+    than this shape's 2 * 2 * 4 row-block programs) and a forced one, padding and bias."""
+    L, S, D = 100, 1000, 32
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, n, D, generator=gen).to("cuda", dtype) for n in (L, S, S))
+    grad = torch.randn(2, 4, L, D, generator=gen).to("cuda", dtype)
+    kpm = torch.zeros(2, S, dtype=torch.bool, device="cuda")
+    kpm[0] = True  # _check: a fully padded sequence 0 gives exactly 0
+    kpm[1, 613:] = True
+    bias = torch.randn(L, S, generator=gen).to("cuda", dtype)
+    if n_split is None:
+        assert T._splits(None, q, L, S, 2, 4) > 1
+    _check(q, k, v, grad, kpm, bias, _run(q, k, v, grad, kpm, bias, n_split), msg=f"cuda {dtype}")
+
+
 def test_one_split_runs_the_single_kernel(monkeypatch):
     """n_split = 1 (the CPU default) launches the forward and dQ kernels unsplit, with no
     workspace and no combine / reduce kernel; n_split = 2 launches both second kernels."""
