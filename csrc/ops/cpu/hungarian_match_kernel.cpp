@@ -480,38 +480,15 @@ void warp_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximiz
 
 // The block path (threads a multiple of 32): lsa::solve_block -- the CUDA block
 // kernel's body -- on `threads` interleaved fibers, one problem per simulated
-// block, with the same checks (and faults) as the warp path plus barriers.
-template <typename scalar_t>
-void block_fiber_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximize, bool scipy_ties,
-                          int threads, int64_t* out) {
-  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
-  const int64_t R = std::min(N, M), C = std::max(N, M);
-  std::vector<double> ws(lsa::workspace_bytes(R, C) / sizeof(double) + 2);
-  lsa::BlockScratch scratch{};
-  warpsim::Sim sim;
-  sim.warps = threads / lsa::kWarpSize;
-  sim.set_fault(std::getenv("UNIT_FAST_LSA_SIM_FAULT"));
-  const scalar_t* base = cost.data_ptr<scalar_t>();
-  const double sign = maximize ? -1.0 : 1.0;
-  for (int64_t b = 0; b < B; ++b) {
-    sim.body = [&](int, warpsim::SimLanes& th) {
-      lsa::solve_block<scalar_t>(th, &scratch, base + b * cost.stride(0), cost.stride(1), cost.stride(2),
-                                 static_cast<int>(N), static_cast<int>(M), num_cols, b, sign, !scipy_ties,
-                                 out + b * N, ws.data(), R, C);
-    };
-    sim.run_block();
-    TORCH_CHECK(sim.error.empty(), "hungarian_match block simulation, problem ", b, ": ", sim.error);
-  }
-}
-
-// The cluster path: lsa::solve_cluster -- the CUDA cluster kernel's body -- on
-// cluster * threads interleaved fibers, one problem per simulated cluster.  The
+// block, with the same checks (and faults) as the warp path plus barriers.  With
+// cluster > 1, the cluster path: lsa::solve_cluster -- the CUDA cluster kernel's
+// body -- on cluster * threads fibers, one problem per simulated cluster; the
 // leader's scratch and workspace are the one BlockScratch and buffer every fiber
-// addresses (DSMEM on the GPU); a cluster barrier completes when every thread of
+// addresses (DSMEM on the GPU), and a barrier completes when every thread of
 // every block waits at it.
 template <typename scalar_t>
-void cluster_fiber_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximize, bool scipy_ties,
-                            int threads, int cluster, int64_t* out) {
+void block_fiber_sim_impl(const at::Tensor& cost, const int64_t* num_cols, bool maximize, bool scipy_ties,
+                          int threads, int cluster, int64_t* out) {
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
   const int64_t R = std::min(N, M), C = std::max(N, M);
   std::vector<double> ws(lsa::workspace_bytes(R, C) / sizeof(double) + 2);
@@ -523,13 +500,19 @@ void cluster_fiber_sim_impl(const at::Tensor& cost, const int64_t* num_cols, boo
   const scalar_t* base = cost.data_ptr<scalar_t>();
   const double sign = maximize ? -1.0 : 1.0;
   for (int64_t b = 0; b < B; ++b) {
-    sim.body = [&](int, warpsim::SimLanes& pr) {
-      lsa::solve_cluster<scalar_t>(pr, &scratch, base + b * cost.stride(0), cost.stride(1), cost.stride(2),
-                                   static_cast<int>(N), static_cast<int>(M), num_cols, b, sign, !scipy_ties,
-                                   out + b * N, ws.data(), R, C);
+    const scalar_t* cb = base + b * cost.stride(0);
+    sim.body = [&](int, warpsim::SimLanes& th) {
+      if (cluster > 1)
+        lsa::solve_cluster<scalar_t>(th, &scratch, cb, cost.stride(1), cost.stride(2), static_cast<int>(N),
+                                     static_cast<int>(M), num_cols, b, sign, !scipy_ties, out + b * N, ws.data(), R,
+                                     C);
+      else
+        lsa::solve_block<scalar_t>(th, &scratch, cb, cost.stride(1), cost.stride(2), static_cast<int>(N),
+                                   static_cast<int>(M), num_cols, b, sign, !scipy_ties, out + b * N, ws.data(), R, C);
     };
     sim.run_block();
-    TORCH_CHECK(sim.error.empty(), "hungarian_match cluster simulation, problem ", b, ": ", sim.error);
+    TORCH_CHECK(sim.error.empty(), "hungarian_match ", cluster > 1 ? "cluster" : "block", " simulation, problem ", b,
+                ": ", sim.error);
   }
 }
 #endif  // UF_LSA_WARP_SIM
@@ -554,15 +537,12 @@ at::Tensor hungarian_match_block_sim_kernel(const at::Tensor& cost, const c10::o
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cost.scalar_type(), "hungarian_match_block_sim", [&] {
     const int64_t* ncp = nc.defined() ? nc.data_ptr<int64_t>() : nullptr;
 #if UF_LSA_WARP_SIM
-    if (cluster > 1)
-      return cluster_fiber_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(threads),
-                                              static_cast<int>(cluster), out.data_ptr<int64_t>());
     if (threads < 0)
       return warp_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(-threads),
                                      out.data_ptr<int64_t>());
     if (threads % lsa::kWarpSize == 0)
       return block_fiber_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(threads),
-                                            out.data_ptr<int64_t>());
+                                            static_cast<int>(cluster), out.data_ptr<int64_t>());
 #endif
     block_sim_impl<scalar_t>(cost, ncp, maximize, scipy_ties, static_cast<int>(threads), out.data_ptr<int64_t>());
   });
