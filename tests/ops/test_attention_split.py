@@ -15,6 +15,7 @@ import torch
 
 from unit_fast import _backend
 from unit_fast.ops.attention import attention_ref
+from unit_fast.ops.attention import split_kv as SK
 from unit_fast.ops.attention import triton as T
 from unit_fast.testing import assert_close_ref, assert_within_ref_error
 
@@ -210,7 +211,7 @@ def test_key_splits_numbers():
     assert T.key_splits(100, 100, 2, 8, H100_SMS) == 1  # decoder self-attention: 2 key blocks
     assert T.key_splits(100, 192, 1, 1, H100_SMS) == 1  # 3 key blocks of 64: no 2 splits of 2 blocks ...
     assert T.key_splits(100, 193, 1, 1, H100_SMS) == 2  # ... 4 blocks is the least that splits
-    assert T.key_splits(1, 10**6, 1, 1, H100_SMS) == T.MAX_SPLITS
+    assert T.key_splits(1, 10**6, 1, 1, H100_SMS) == SK.MAX_SPLITS
     assert T.key_splits(0, 3400, 2, 8, H100_SMS) == 1
 
 
@@ -218,9 +219,9 @@ def test_key_splits_keep_two_key_blocks_a_split():
     for S in range(1, 3000, 37):
         for B_ in (1, 3):
             n = T.key_splits(50, S, B_, 1, H100_SMS)
-            assert 1 <= n <= T.MAX_SPLITS
+            assert 1 <= n <= SK.MAX_SPLITS
             if n > 1:
-                assert -(-S // T.SPLIT_BLOCK_N) >= T.MIN_SPLIT_BLOCKS * n, (S, n)
+                assert -(-S // SK.SPLIT_BLOCK_N) >= SK.MIN_SPLIT_BLOCKS * n, (S, n)
 
 
 def test_default_is_one_split_off_cuda():
