@@ -221,7 +221,10 @@ bool launch_cluster(const Launch& L, const at::Tensor& cost, int k, size_t bytes
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, L.dev));
   cudaFuncAttributes fa{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-  if (major < 9 || fa.binaryVersion < 90) return false;  // the body is compiled for sm_90+ only
+  // The body exists only where __CUDA_ARCH__ >= 900 (UF_LSA_HAS_CLUSTER).  binaryVersion alone
+  // is not enough: PTX of an older virtual architecture, JIT-compiled for this sm_90 device,
+  // reports binaryVersion 90 with an empty body; ptxVersion is the architecture it was built for.
+  if (major < 9 || fa.binaryVersion < 90 || fa.ptxVersion < 90) return false;
   const size_t smem = kSharedWs ? bytes : 0;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
