@@ -8,6 +8,8 @@ kernels) and the two kernels that merge the splits' fp32 partials -- the forward
 import triton
 import triton.language as tl
 
+from unit_fast.ops.attention.rows import _query_rows
+
 # Key splitting (``key_splits``): the tile it assumes (the launcher picks the split count before
 # the autotuner picks the tile): BLOCK_M 64, the forward's and dQ's usual row tile at UniT's head
 # dims, and BLOCK_N 64, the widest key tile, so "2 blocks a split" holds for every candidate.
@@ -55,11 +57,7 @@ def _attention_fwd_combine_kernel(
     2^lse_i`` and ``out = sum_i 2^(lse_i - lse) o_i`` (flash-decoding's reduction), as an online
     max over the splits in index order (deterministic).  Neutral partials weigh 0; a row whose
     splits are all neutral gets ``out = 0`` and ``lse = -inf``, as the single-kernel path."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _query_rows(H, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_in = offs_m < L
     mask = m_in[:, None] & (offs_dv[None, :] < DV)
@@ -94,11 +92,7 @@ def _attention_bwd_dq_reduce_kernel(
 ):
     """``dQ = scale * sum_i PartDQ[i]`` over the ``n_split`` partials in index order (fp32, a
     fixed order: deterministic), one program per ``(BLOCK_M queries, batch * head)``."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _query_rows(H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < L) & (offs_d[None, :] < D)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)

@@ -61,6 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
+from unit_fast.ops.attention.rows import _query_rows
 from unit_fast.ops.attention.split_kv import (
     _attention_bwd_dq_reduce_kernel,
     _attention_fwd_combine_kernel,
@@ -209,11 +210,7 @@ def _attention_fwd_kernel(
     (normalised by the range's own sum) and ``PartLSE`` ``(n_split, B * H, L)`` (log2 units,
     ``-inf`` where the range allows no key), merged by ``_attention_fwd_combine_kernel``."""
     # bucket_l, bucket_s, n_split: read by the autotuner (``_TUNE_KEYS``); n_split also here.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _query_rows(H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_in = offs_m < L
@@ -285,11 +282,7 @@ def _attention_bwd_delta_kernel(
     """``delta[bh, m] = sum_d dO[m, d] O[m, d]`` in fp32 (= ``sum_n P dP``, the softmax-backward
     row term), one program per ``(BLOCK_M queries, batch * head)``; ``Delta`` is ``(B, H, L)``
     contiguous."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _query_rows(H, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m[:, None] < L) & (offs_dv[None, :] < DV)
     o = tl.load(Out_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_l
@@ -466,11 +459,7 @@ def _attention_bwd_dq_kernel(
     writes ``dQ``; with ``SPLIT`` (the forward's key ranges, ``_split_range``) its range's
     unscaled fp32 ``dS K`` to ``PartDQ`` ``(n_split, B * H, L, D)``, which
     ``_attention_bwd_dq_reduce_kernel`` sums in split order (no atomics: deterministic)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _query_rows(H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_in = offs_m < L
